@@ -1,0 +1,192 @@
+"""vlm.py by example: the tiny model, encoding, generation, JSONL resume, records, bad inputs."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import solid_image
+
+import toy
+import vlm
+
+
+def test_tiny_model_reloads_offline_with_auto_classes(tiny_model_dir):
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ip = AutoImageProcessor.from_pretrained(tiny_model_dir)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    assert tok.image_token == "<|image_pad|>" and tok.image_token_id == model.config.image_token_id
+    assert ip.merge_size == 2
+    text = model.config.text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    assert sum(text.rope_parameters["mrope_section"]) == head_dim // 2
+
+
+def test_tokenizer_is_byte_level_and_compact(tiny):
+    _, tok, _ = tiny
+    weird = "Ünïcode ∑ 数学 🤔 <b>"
+    assert tok.decode(tok(weird)["input_ids"]) == weird  # byte-level: no unknown token
+    assert len(tok(vlm.SYSTEM_PROMPT)["input_ids"]) <= 8  # the system prompt is a handful of tokens
+    assert len(tok("<think> </think> <answer> </answer>")["input_ids"]) <= 4
+    assert toy.VLAA_SYSTEM_PROMPT == vlm.SYSTEM_PROMPT
+
+
+def test_encode_puts_one_image_token_per_merged_patch_for_mixed_sizes(tiny):
+    _, tok, ip = tiny
+    images = [solid_image(56), solid_image(112), solid_image(84), solid_image(300)]
+    batch = vlm.encode(tok, ip, ["a?", "bb?", "c?", "d?"], images)
+    grid = batch["image_grid_thw"]
+    assert grid.tolist() == [[1, 4, 4], [1, 8, 8], [1, 6, 6], [1, 6, 6]]  # 300 px is scaled down to max_pixels
+    per_row = (batch["input_ids"] == tok.image_token_id).sum(1)
+    assert per_row.tolist() == (grid.prod(-1) // 4).tolist() == [4, 16, 9, 9]
+    assert batch["pixel_values"].shape == (int(grid.prod(-1).sum()), 3 * 2 * 14 * 14)
+    # left padding: every row ends with the assistant header, pads only at the start
+    assert (batch["attention_mask"][:, -1] == 1).all()
+    assert batch["attention_mask"][0, 0] == 0
+
+
+def test_labels_mask_everything_but_the_answer(tiny):
+    _, tok, ip = tiny
+    ex = vlm.encode_example(tok, ip, "What colour?", solid_image(56), response="<answer>red</answer>")
+    batch = vlm.collate([ex, vlm.encode_example(tok, ip, "Hi", solid_image(56), response="A")], tok.pad_token_id,
+                        label_examples=True)
+    row = batch["labels"][0]
+    kept = row[row != -100]
+    assert tok.decode(kept) == "<answer>red</answer><|im_end|>"
+    n = len(ex["input_ids"])
+    L = batch["input_ids"].shape[1]
+    assert (row[: L - n + ex["n_prompt"]] == -100).all()  # pads, system, user and image tokens
+
+
+def test_repeat_batch_repeats_each_prompt_and_its_image_block(tiny):
+    _, tok, ip = tiny
+    batch = vlm.encode(tok, ip, ["a?", "b?"], [solid_image(56), solid_image(112)])
+    rep = vlm.repeat_batch(batch, 3)
+    assert rep["input_ids"].shape[0] == 6
+    assert torch.equal(rep["input_ids"][1], batch["input_ids"][0]) and torch.equal(rep["input_ids"][3],
+                                                                                   batch["input_ids"][1])
+    assert rep["image_grid_thw"].tolist() == [[1, 4, 4]] * 3 + [[1, 8, 8]] * 3
+    assert torch.equal(rep["pixel_values"][16:32], batch["pixel_values"][:16])
+
+
+def test_hf_backend_samples_n_completions_per_image_prompt(tiny):
+    gen = vlm.make_backend("hf", tiny)
+    reqs = [{"prompt": f"What colour is the square? {i}", "image": solid_image(56 + 28 * i)} for i in range(4)]
+    out = gen(reqs, n=8, max_new_tokens=12, temperature=1.0, seed=0)
+    assert len(out) == 4 and all(len(o) == 8 and all(isinstance(s, str) for s in o) for o in out)
+    assert len({s for o in out for s in o}) > 1  # sampling, not 32 copies of one string
+
+
+def test_sampled_vision_tokens_are_suppressed(tiny):
+    model, tok, ip = tiny
+    batch = vlm.encode(tok, ip, ["x"], [solid_image(56)])
+    # make <|image_pad|> by far the most likely next token everywhere; it must still never be sampled
+    bias = torch.zeros(model.lm_head.weight.shape[0])
+    bias[tok.image_token_id] = 100.0
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: o + bias)
+    try:
+        comp, mask = vlm.sample_completions(model, batch, 16, temperature=1.0, pad_id=tok.pad_token_id)
+    finally:
+        hook.remove()
+    assert not torch.isin(comp, torch.tensor(vlm.vision_token_ids(model.config))).any()
+    assert mask.shape == comp.shape
+
+
+def test_text_only_requests_work(tiny):
+    gen = vlm.make_backend("hf", tiny)
+    out = gen([{"prompt": "Hello", "image": None}], n=2, max_new_tokens=4, temperature=1.0, seed=1)
+    assert len(out[0]) == 2
+
+
+def test_jsonl_resume_drops_a_torn_last_line(tmp_path):
+    path = str(tmp_path / "out.jsonl")
+    done, f = vlm.open_output(path)
+    assert done == set()
+    vlm.append_jsonl(f, {"id": "a", "x": 1})
+    vlm.append_jsonl(f, {"id": "b", "x": 2})
+    f.close()
+    with open(path, "a") as f:
+        f.write('{"id": "c", "x"')  # killed mid-write
+    done, f = vlm.open_output(path)
+    assert done == {"a", "b"}
+    vlm.append_jsonl(f, {"id": "c", "x": 3})
+    f.close()
+    assert [r["id"] for _, r in vlm.read_jsonl(path)] == ["a", "b", "c"]
+
+
+def test_bad_json_line_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"id": "a"}\n\n{"id": oops}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: bad JSON"):
+        list(vlm.read_jsonl(str(p)))
+
+
+def _write_image(folder, name):
+    os.makedirs(folder, exist_ok=True)
+    solid_image(28).save(os.path.join(folder, name))
+
+
+def test_load_records_ours_resolves_images_and_normalises_verifiers(tmp_path):
+    _write_image(tmp_path / "images", "1.png")
+    (tmp_path / "d.jsonl").write_text(json.dumps(
+        {"id": "x1", "image": "images/1.png", "question": "How many?", "answer": "3", "verifier_type": "Digit"}) + "\n")
+    (rec,) = vlm.load_records(str(tmp_path / "d.jsonl"))
+    assert rec["image"] == str(tmp_path / "images" / "1.png") and rec["verifier_type"] == "digit"
+
+
+def test_load_records_released_sft_and_grpo_shapes(tmp_path):
+    _write_image(tmp_path / "clevr_math", "a.png")
+    sft = {"image": "clevr_math/a.png", "question": "How many?",
+           "answer": "<think>I count 3.</think><answer>3</answer>"}
+    grpo = {"id": "g1", "image": "clevr_math/a.png", "question": "How many?", "gt": "3", "answer": "3",
+            "verifier_type": "bbox"}
+    (tmp_path / "VLAA-Thinking-SFT-126K.json").write_text(json.dumps(sft) + "\n")
+    (tmp_path / "grpo.json").write_text(json.dumps([grpo]))  # a JSON array is accepted too
+    (s,) = vlm.load_records(str(tmp_path / "VLAA-Thinking-SFT-126K.json"))
+    assert s["response"] == sft["answer"] and s["answer"] == "3" and s["id"] == "VLAA-Thinking-SFT-126K.json:1"
+    (g,) = vlm.load_records(str(tmp_path / "grpo.json"))
+    assert g["answer"] == "3" and g["verifier_type"] == "iou"
+
+
+def test_load_records_errors_name_file_line_and_field(tmp_path):
+    _write_image(tmp_path, "a.png")
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"id": "1", "image": "a.png", "answer": "3"}) + "\n")
+    with pytest.raises(ValueError, match=r"d.jsonl:1: missing field 'question'"):
+        vlm.load_records(str(p))
+    p.write_text(json.dumps({"id": "1", "image": "nope.png", "question": "q", "answer": "3"}) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"d.jsonl:1: field 'image': no such file .*nope.png"):
+        vlm.load_records(str(p))
+    p.write_text(json.dumps({"id": "1", "image": "a.png", "question": "q", "answer": "3", "verifier_type": "vibes"}))
+    with pytest.raises(ValueError, match=r"unknown verifier_type 'vibes'; known: digit, mcq, math, iou, open"):
+        vlm.load_records(str(p))
+
+
+def test_load_image_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        vlm.load_image(str(tmp_path / "missing.png"))
+    (tmp_path / "corrupt.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="unreadable image .*corrupt.png"):
+        vlm.load_image(str(tmp_path / "corrupt.png"))
+    from PIL import Image
+
+    Image.new("1", (9000, 9000)).save(tmp_path / "huge.png")  # 81 Mpx, a few KB on disk
+    with pytest.raises(ValueError, match="image too large"):
+        vlm.load_image(str(tmp_path / "huge.png"))
+    solid_image(30).save(tmp_path / "ok.jpg")
+    im = vlm.load_image(str(tmp_path / "ok.jpg"))
+    assert im.mode == "RGB" and im.size == (30, 30)
+
+
+def test_has_aha_is_the_papers_substring_rule():
+    assert vlm.has_aha("Hmm, let me think") and vlm.has_aha("I checked it")
+    assert not vlm.has_aha("The image shows 3 objects.")
+
+
+def test_init_distributed_without_torchrun():
+    d = vlm.init_distributed()
+    assert (d["rank"], d["world"], d["master"]) == (0, 1, True) and d["device"].type == "cpu"

@@ -236,6 +236,15 @@ def build_messages(question, image=True, system=SYSTEM_PROMPT):
     return msgs + [{"role": "user", "content": content}]
 
 
+def chat_prompt(tokenizer, question, n_image_tokens=None, system=SYSTEM_PROMPT):
+    """The prompt text up to the assistant turn, the image's one <|image_pad|> expanded to n_image_tokens."""
+    text = tokenizer.apply_chat_template(build_messages(question, n_image_tokens is not None, system),
+                                         tokenize=False, add_generation_prompt=True)
+    if n_image_tokens is not None:
+        text = text.replace(tokenizer.image_token, tokenizer.image_token * n_image_tokens, 1)
+    return text
+
+
 def encode_example(tokenizer, image_processor, question, image=None, response=None, system=SYSTEM_PROMPT):
     """One example -> unpadded tensors. With `response`, also the index where the answer starts.
 
@@ -243,16 +252,13 @@ def encode_example(tokenizer, image_processor, question, image=None, response=No
     None, "n_prompt": int}. Tokens from n_prompt on are the assistant's (the response and its
     <|im_end|>): the only ones SFT puts a loss on.
     """
-    text = tokenizer.apply_chat_template(build_messages(question, image is not None, system),
-                                         tokenize=False, add_generation_prompt=True)
-    pixel_values = grid = None
+    pixel_values = grid = n_image_tokens = None
     if image is not None:
         vis = image_processor(images=[image], return_tensors="pt")
         pixel_values, grid = vis["pixel_values"], vis["image_grid_thw"]  # [h*w, 1176], [1, 3]
         n_image_tokens = int(grid.prod()) // image_processor.merge_size ** 2  # 2x2 patches -> 1 token
-        pad = tokenizer.image_token
-        text = text.replace(pad, pad * n_image_tokens, 1)
-    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(chat_prompt(tokenizer, question, n_image_tokens, system),
+                           add_special_tokens=False)["input_ids"]
     ids = prompt_ids
     if response is not None:
         ids = prompt_ids + tokenizer(response + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
@@ -417,12 +423,291 @@ def _hf_backend(model, batch_size=16, device=None, dtype="auto", min_pixels=None
     return gen
 
 
-def _vllm_backend(model, **opts):
-    raise NotImplementedError("the vllm backend comes with the data-pipeline stages")
+# --- vllm: one offline engine, tensor parallel over this node's GPUs (vllm imported only here)
+
+_VISION_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|video_pad|>", "<|vision_end|>")
 
 
-def _openai_backend(model, **opts):
-    raise NotImplementedError("the openai backend comes with the data-pipeline stages")
+def _vllm_requests(tokenizer, requests):
+    """Our requests -> vLLM prompts: chat-template token ids with ONE image placeholder, and the image.
+
+    vLLM's Qwen2.5-VL processor expands the single <|image_pad|> to the image's token count itself,
+    so unlike encode_example we must not expand it here. Token ids (not text) so that a template
+    that already holds a BOS token does not get a second one.
+    """
+    prompts = []
+    for r in requests:
+        image = r.get("image")
+        messages = build_messages(r["prompt"], image is not None, r.get("system", SYSTEM_PROMPT))
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+        if image is not None:
+            if text.count("<|image_pad|>") != 1:
+                raise ValueError("the vllm backend needs a Qwen-VL chat template (one <|image_pad|> per image); "
+                                 "serve other VLMs with `vllm serve` and use the openai backend")
+            prompt["multi_modal_data"] = {"image": image}
+        prompts.append(prompt)
+    return prompts
+
+
+def _vision_logit_bias(tokenizer):
+    """{token id: -100} for the vision special tokens: a text answer must never sample them."""
+    vocab = tokenizer.get_vocab()
+    return {vocab[t]: -100.0 for t in _VISION_TOKENS if t in vocab}
+
+
+def _vllm_backend(model, tensor_parallel_size=1, max_model_len=None, gpu_memory_utilization=0.9, min_pixels=None,
+                  max_pixels=None, limit_mm_per_prompt=None, dtype="auto", seed=0, trust_remote_code=False,
+                  **engine_kwargs):
+    """An offline vllm.LLM (GPU). One engine per process: tensor_parallel_size = the node's GPUs for a
+    72B model; for several nodes run `vllm serve` on each and use the openai backend instead."""
+    from transformers import AutoConfig, AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    multimodal = getattr(config, "vision_config", None) is not None  # text-only models refuse image options
+    if multimodal:
+        engine_kwargs["limit_mm_per_prompt"] = limit_mm_per_prompt or {"image": 1, "video": 0}
+        pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        if pixels:
+            engine_kwargs["mm_processor_kwargs"] = pixels
+    llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+              gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, seed=seed,
+              trust_remote_code=trust_remote_code, **engine_kwargs)
+    bias = _vision_logit_bias(tokenizer) or None
+
+    def gen(requests, n=1, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, **_):
+        if not multimodal and any(r.get("image") is not None for r in requests):
+            raise ValueError(f"{model} is a text-only model but a request has an image")
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
+                                logit_bias=bias)
+        outs = llm.generate(_vllm_requests(tokenizer, requests), params, use_tqdm=False)
+        return [[c.text for c in o.outputs] for o in outs]
+
+    return gen
+
+
+# --- openai: any OpenAI-compatible chat-completions server (vllm serve, SGLang, hosted APIs), stdlib HTTP
+
+
+def _image_data_url(image):
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _chat_payload(model, request):
+    """One request -> the messages of a chat completion; the image goes in as a data URL."""
+    system = request.get("system", SYSTEM_PROMPT)
+    if request.get("image") is None:  # plain string content: some text-only APIs reject content lists
+        content = request["prompt"]
+    else:
+        content = [{"type": "image_url", "image_url": {"url": _image_data_url(request["image"])}},
+                   {"type": "text", "text": request["prompt"]}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+    return {"model": model, "messages": messages}
+
+
+def _choice_text(choice):
+    """R1-style servers return the thinking apart (`reasoning_content`; newer vLLM: `reasoning`): put it back
+    in front of the answer as <think>...</think>, the shape every stage parses."""
+    msg = choice.get("message") or {}
+    content, thinking = msg.get("content") or "", msg.get("reasoning_content") or msg.get("reasoning")
+    return f"<think>{thinking}</think>{content}" if isinstance(thinking, str) and thinking else content
+
+
+def _openai_backend(model, base_url=None, api_key=None, concurrency=16, timeout=120.0, retries=5, backoff=1.0,
+                    max_backoff=60.0, extra_body=None):
+    """Chat completions over plain urllib, `concurrency` requests in flight, spread round-robin over the
+    servers of `base_url` (comma list or list: one `vllm serve` per node), each failed attempt retried
+    on the next server after an exponential backoff with jitter. Retried: connection errors, timeouts,
+    HTTP 429 and 5xx; any other HTTP error is raised at once with the server's message."""
+    import itertools
+    import random
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+    from http.client import HTTPException
+
+    base_url = base_url or os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")
+    bases = [b.strip().rstrip("/") for b in (base_url.split(",") if isinstance(base_url, str) else base_url)]
+    bases = [b for b in bases if b]
+    api_key = api_key or os.environ.get("OPENAI_API_KEY")
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    turn, lock = itertools.count(), threading.Lock()
+
+    def post(payload):
+        """One chat completion, retried; -> the list of choice texts."""
+        body = json.dumps(payload).encode()
+        for attempt in range(retries + 1):
+            with lock:
+                url = f"{bases[next(turn) % len(bases)]}/chat/completions"
+            wait = None
+            try:
+                req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=timeout) as resp:
+                    data = json.loads(resp.read())
+                choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+                return [_choice_text(c) for c in choices]
+            except urllib.error.HTTPError as e:
+                detail = e.read().decode(errors="replace")[:500]
+                if e.code != 429 and e.code < 500:  # our request is wrong: retrying will not help
+                    raise RuntimeError(f"{url}: HTTP {e.code}: {detail}") from None
+                error = f"HTTP {e.code}: {detail}"
+                retry_after = e.headers.get("Retry-After", "") if e.headers else ""
+                wait = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else None
+            except (urllib.error.URLError, TimeoutError, ConnectionError, HTTPException, ValueError, KeyError) as e:
+                error = f"{type(e).__name__}: {e}"
+            if attempt == retries:
+                raise RuntimeError(f"openai backend: {retries + 1} attempts failed, last from {url}: {error}")
+            delay = wait if wait is not None else backoff * 2 ** attempt * random.uniform(0.5, 1.5)
+            time.sleep(min(delay, max_backoff))
+
+    def one(request, n, sampling, seed):
+        """n completions of one request; servers that ignore `n` are simply asked again."""
+        payload = {**_chat_payload(model, request), **sampling, **(extra_body or {})}
+        texts = []
+        for k in itertools.count():
+            want = n - len(texts)
+            if want <= 0:
+                return texts[:n]
+            if k > n:
+                raise RuntimeError(f"openai backend: asked {k} times for {n} completions, got {len(texts)}")
+            texts += post({**payload, **({"n": want} if want > 1 else {}),
+                           **({"seed": seed + k} if seed is not None else {})})
+
+    def gen(requests, n=1, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, **_):
+        sampling = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+        with ThreadPoolExecutor(max(1, min(concurrency, len(requests)))) as pool:
+            return list(pool.map(lambda r: one(r, n, sampling, seed), requests))
+
+    return gen
+
+
+# --- the loop of the data stages (01, 02, 03, and 06's generation): resume, progress, batches
+
+
+def _relocate_image(rec, from_dir, to_dir):
+    """`image` is relative to its JSONL's folder; rewrite it for a JSONL that lives in to_dir."""
+    image = rec.get("image")
+    if not isinstance(image, str) or not image:
+        return rec
+    path = image if os.path.isabs(image) else os.path.join(from_dir, image)
+    return dict(rec, image=path if to_dir is None else os.path.relpath(path, to_dir))
+
+
+def run_stage(in_path, out_path, process, prepare=None, need=("id",), batch_size=64, limit=None, skip_bad=False,
+              desc=None):
+    """Read IN, skip ids already in OUT, prepare each record, process them in batches, append to OUT.
+
+    prepare(rec, where) -> item: per-record work that can fail on bad input (load its image, ...). `where`
+    is "file:line"; a ValueError or FileNotFoundError stops the stage, or with skip_bad is reported,
+    counted and left out (so a rerun tries it again). process(items) -> one output record per item,
+    in order: the backend call. `rec["image"]` is absolute while it is prepared and processed, and
+    written relative to OUT's folder, so it still resolves wherever OUT lives.
+    Returns {"total", "done_before", "written", "bad": [message, ...]}.
+    """
+    from tqdm import tqdm
+
+    in_dir, out_dir = (os.path.dirname(os.path.abspath(p)) for p in (in_path, out_path))
+    records, seen = [], set()
+    for i, rec in read_jsonl(in_path):  # bad JSON stops here, before any model is called
+        if limit is not None and len(records) >= limit:
+            break
+        where = f"{in_path}:{i}"
+        require(rec, ("id",), where)
+        if rec["id"] in seen:  # else the second copy would be skipped as "already done"
+            raise ValueError(f"{where}: duplicate id {rec['id']!r}")
+        seen.add(rec["id"])
+        records.append((where, rec))
+    done, f = open_output(out_path)
+    todo = [(w, r) for w, r in records if r["id"] not in done]
+    stats = {"total": len(records), "done_before": len(records) - len(todo), "written": 0, "bad": []}
+    if stats["done_before"]:
+        print(f"{out_path}: {stats['done_before']} of {len(records)} records already done, resuming")
+    with f, tqdm(total=len(records), initial=stats["done_before"], desc=desc, unit="rec") as bar:
+        for s in range(0, len(todo), batch_size):
+            chunk, items = todo[s:s + batch_size], []
+            for where, rec in chunk:
+                rec = _relocate_image(rec, in_dir, None)
+                try:
+                    require(rec, need, where)
+                    items.append(prepare(rec, where) if prepare else rec)
+                except (ValueError, FileNotFoundError) as e:
+                    if not skip_bad:
+                        raise
+                    stats["bad"].append(str(e))
+                    tqdm.write(f"skipped bad record: {e}")
+            outs = process(items) if items else []
+            if len(outs) != len(items):
+                raise RuntimeError(f"process returned {len(outs)} records for {len(items)} inputs")
+            for out in outs:
+                append_jsonl(f, _relocate_image(out, in_dir, out_dir))
+            stats["written"] += len(outs)
+            bar.update(len(chunk))
+    if stats["bad"]:
+        print(f"{in_path}: skipped {len(stats['bad'])} bad records (--skip-bad); a rerun retries them")
+    return stats
+
+
+# --- command-line flags every data stage shares
+
+
+def add_generation_args(parser, batch_size=64, max_new_tokens=1024, temperature=0.0, top_p=1.0):
+    """The backend, sampling and loop flags of 01, 02 and 03 (each stage adds its own --model)."""
+    g = parser.add_argument_group("generation")
+    g.add_argument("--backend", choices=["toy", "hf", "vllm", "openai"], default="toy",
+                   help="toy: toy.py's teacher (CPU); hf: transformers; vllm: offline engine on this node's GPUs; "
+                        "openai: any OpenAI-compatible server (default: %(default)s)")
+    g.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+                   help="openai: server URL, or a comma list of them (one per node; requests are spread "
+                        "round-robin) (default: $OPENAI_BASE_URL or %(default)s)")
+    g.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="openai: name of the environment variable holding the API key (default: %(default)s)")
+    g.add_argument("--concurrency", type=int, default=16, help="openai: requests in flight (default: %(default)s)")
+    g.add_argument("--timeout", type=float, default=600.0,
+                   help="openai: seconds to wait for one response (default: %(default)s)")
+    g.add_argument("--retries", type=int, default=5,
+                   help="openai: retries of a request after errors, timeouts, 429 and 5xx (default: %(default)s)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="vllm: GPUs one engine spans (8 for a 72B model) (default: %(default)s)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="vllm: context length; None keeps the model's (default: %(default)s)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm: (default: %(default)s)")
+    g.add_argument("--max-pixels", type=int, default=None,
+                   help="hf/vllm: resize images to at most this many pixels (default: the model's setting)")
+    g.add_argument("--batch-size", type=int, default=batch_size,
+                   help="records per backend call, appended to the output after each (default: %(default)s)")
+    g.add_argument("--limit", type=int, default=None, help="only the first N input records (default: all)")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="(default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=top_p, help="(default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="report and count bad records (missing field or image) instead of stopping")
+
+
+def backend_from_args(args, model):
+    """make_backend with the options of `args.backend` taken from add_generation_args' flags."""
+    opts = {
+        "hf": dict(batch_size=args.batch_size, max_pixels=args.max_pixels),
+        "toy": {},
+        "vllm": dict(tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
+                     gpu_memory_utilization=args.gpu_memory_utilization, max_pixels=args.max_pixels, seed=args.seed),
+        "openai": dict(base_url=args.base_url, api_key=os.environ.get(args.api_key_env), concurrency=args.concurrency,
+                       timeout=args.timeout, retries=args.retries),
+    }[args.backend]
+    return make_backend(args.backend, model, **opts)
+
+
+def sampling_from_args(args):
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -445,3 +730,135 @@ def init_distributed():
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return {"rank": rank, "world": world, "local_rank": local, "device": device, "master": rank == 0}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training plumbing shared by 04_sft.py and 05_grpo.py: FSDP2, LR schedule, checkpoints, export, metrics
+
+
+def freeze_vision_tower(model, freeze=True):
+    """paper (SFT, App. B.1): the vision encoder stays frozen; a flag trains it."""
+    for p in model.model.visual.parameters():
+        p.requires_grad_(not freeze)
+
+
+def shard_model(model, device, world):
+    """FSDP2 under torchrun: one unit per decoder layer, the vision tower as its own unit, then the root.
+
+    The vision tower must be its own unit: generate() calls it directly, outside the root's hooks
+    (cpu-env.md §5). With one process the model is returned as is. On GPU, parameters are
+    all-gathered in bf16 and gradients reduced in fp32, over fp32 master weights.
+    """
+    if world == 1:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()
+    for layer in model.model.language_model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model.model.visual, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def autocast(device):
+    """bf16 compute on a single GPU (FSDP2's policy does it when sharded); fp32 on CPU."""
+    import contextlib
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def cosine_lr(step, total_steps, peak_lr, warmup_steps=0, min_lr=0.0):
+    """Linear warmup, then cosine from peak_lr down to min_lr (paper, GRPO: LR1/LR2 set min LR and warmup)."""
+    import math
+
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr):
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def log_metrics(path, rec):
+    """One JSON line per step in OUT/metrics.jsonl (rank 0 only, the caller checks)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def latest_checkpoint(out):
+    """The newest complete checkpoint folder OUT/ckpt-STEP, or None."""
+    root = os.path.join(out, "checkpoints")
+    steps = [int(d.split("-")[1]) for d in os.listdir(root) if d.startswith("ckpt-")
+             and os.path.exists(os.path.join(root, d, "DONE"))] if os.path.isdir(root) else []
+    return os.path.join(root, f"ckpt-{max(steps)}") if steps else None
+
+
+def save_checkpoint(out, step, model, optimizer, extra, rank=0, keep=2):
+    """A resumable checkpoint (torch.distributed.checkpoint): sharded model and optimizer, the step,
+    the data position and this rank's RNG, in OUT/checkpoints/ckpt-STEP. A `DONE` file marks it complete,
+    so a run killed while saving resumes from the previous one."""
+    import shutil
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    path = os.path.join(out, "checkpoints", f"ckpt-{step}")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                else []}, os.path.join(path, f"rng-{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        with open(os.path.join(path, "trainer.json"), "w") as f:
+            json.dump({"step": step, **extra}, f)
+        open(os.path.join(path, "DONE"), "w").close()
+        old = sorted((d for d in os.listdir(os.path.dirname(path)) if d.startswith("ckpt-")),
+                     key=lambda d: int(d.split("-")[1]))[:-keep]
+        for d in old:
+            shutil.rmtree(os.path.join(os.path.dirname(path), d), ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def load_checkpoint(path, model, optimizer, rank=0):
+    """Restore what save_checkpoint wrote; returns trainer.json (step, data position, ...)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng = torch.load(os.path.join(path, f"rng-{rank}.pt"), weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    with open(os.path.join(path, "trainer.json")) as f:
+        return json.load(f)
+
+
+def export_hf(model, tokenizer, image_processor, out, rank=0, dtype=None):
+    """The final model as a plain Hugging Face folder that transformers and vLLM load like any
+    Qwen2.5-VL checkpoint. Under FSDP2 the full weights are gathered (a collective: every rank calls)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return None
+    dtype = dtype or next(iter(sd.values())).dtype
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    # FSDP2 renames the class (FSDPQwen2_5_VL...): record the real architecture for from_pretrained
+    arch = next(c.__name__ for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
+    model.config.architectures = [arch]
+    model.save_pretrained(out, state_dict=sd)
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    return out

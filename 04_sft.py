@@ -1,0 +1,233 @@
+"""Stage 4: supervised fine-tuning of Qwen2.5-VL on R1-style traces (the paper's SFT baseline, §3.1).
+
+Reads the SFT set from 03_rewrite_verify.py (`OUT/sft.jsonl`: question, image, response) or the released
+VLAA-Thinking-SFT-126K.json, and trains the model to write the `response` (`<think>...</think>
+<answer>...</answer>`) after the VLAA system prompt, the image and the question. The loss is on the
+assistant's tokens only. The paper's finding is that this SFT *hurts* later RL; this file exists so
+that you can measure it (05_grpo.py starts from its output).
+
+    # CPU, tiny model (a minute)
+    python 04_sft.py --model runs/tiny --data runs/data/final/sft.jsonl --out runs/sft \
+        --global-batch 32 --micro-batch 32 --lr 2e-3 --max-steps 300
+    # one GPU, Qwen2.5-VL-3B on the released data (paper: global batch 128, vision frozen, ~1 epoch)
+    python 04_sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data VLAA-Thinking-SFT-126K.json \
+        --image-root /data/vlaa/images --out runs/sft-3b --micro-batch 2 --activation-checkpointing
+    # 8 GPUs (FSDP2 + NCCL); several nodes: add torchrun's --nnodes/--node-rank/--rdzv-endpoint
+    torchrun --nproc_per_node 8 04_sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data ... --out runs/sft-7b
+
+Outputs in --out: metrics.jsonl (one line per step), checkpoints/ckpt-STEP (resumable with --resume),
+model/ (a Hugging Face folder that from_pretrained and vLLM load like any Qwen2.5-VL).
+"""
+
+import argparse
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import vlm
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--model", required=True, help="starting checkpoint: hub id or folder (e.g. from toy.py build-model)")
+p.add_argument("--data", required=True, help="sft.jsonl from 03, or the released VLAA-Thinking-SFT-126K.json")
+p.add_argument("--fmt", default="auto", choices=["auto", "ours", "vlaa"], help="record format of --data")
+p.add_argument("--image-root", default=None, help="folder that image paths are relative to (default: the data file's)")
+p.add_argument("--out", required=True, help="output folder")
+p.add_argument("--no-system-prompt", action="store_true", help="train without the VLAA system prompt")
+p.add_argument("--max-length", type=int, default=4096, help="samples longer than this (tokens) are dropped and counted")
+p.add_argument("--min-pixels", type=int, default=None, help="image processor min_pixels (default: the checkpoint's)")
+p.add_argument("--max-pixels", type=int, default=None, help="image processor max_pixels (paper eval: 256*32*32)")
+p.add_argument("--global-batch", type=int, default=128, help="samples per optimizer step over all ranks (paper: 128)")
+p.add_argument("--micro-batch", type=int, default=4, help="samples per forward pass on one rank")
+p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (paper: about 1)")
+p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
+p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (not given by the paper)")
+p.add_argument("--min-lr", type=float, default=0.0, help="cosine schedule floor")
+p.add_argument("--warmup-ratio", type=float, default=0.03, help="share of steps with linear warmup")
+p.add_argument("--weight-decay", type=float, default=0.0)
+p.add_argument("--grad-clip", type=float, default=1.0)
+p.add_argument("--train-vision", action="store_true", help="also train the vision tower (paper: frozen)")
+p.add_argument("--activation-checkpointing", action="store_true", help="recompute activations to save memory")
+p.add_argument("--save-every", type=int, default=500, help="write a resumable checkpoint every N steps")
+p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+p.add_argument("--cache-size", type=int, default=20000,
+               help="keep up to N encoded samples (image processed once) in memory; 0 = encode every time")
+p.add_argument("--seed", type=int, default=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: drop what does not fit (never truncate through image tokens), then encode on demand
+
+
+def image_tokens(image_processor, path):
+    """How many image tokens an image becomes, from its size alone (no pixel decoding)."""
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    with Image.open(path) as im:
+        w, h = im.size
+    factor = image_processor.patch_size * image_processor.merge_size
+    size = image_processor.size
+    rh, rw = smart_resize(h, w, factor=factor, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+    return (rh // factor) * (rw // factor)
+
+
+def fitting_records(records, tokenizer, image_processor, max_length, system):
+    """Keep the records whose full sequence fits in max_length; return (kept, number dropped).
+    Lengths are exact (the same tokenisation as vlm.encode_example) without decoding any pixels."""
+    kept = []
+    for r in records:
+        prompt = vlm.chat_prompt(tokenizer, r["question"], image_tokens(image_processor, r["image"]), system)
+        n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + \
+            len(tokenizer(r["response"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"])
+        if n <= max_length:
+            kept.append(r)
+    return kept, len(records) - len(kept)
+
+
+def encoder(tokenizer, image_processor, system, cache_size):
+    """record -> encoded example (vlm.encode_example), cached so each image is processed once."""
+    cache = {}
+
+    def encode(r):
+        if r["id"] in cache:
+            return cache[r["id"]]
+        ex = vlm.encode_example(tokenizer, image_processor, r["question"], vlm.load_image(r["image"], r["id"]),
+                                response=r["response"], system=system)
+        if len(cache) < cache_size:
+            cache[r["id"]] = ex
+        return ex
+
+    return encode
+
+
+def step_indices(step, n_records, global_batch, seed):
+    """The record indices of one optimizer step: a fresh permutation each epoch, so the data position
+    is just the step number (a resumed run sees exactly the batches it would have seen)."""
+    per_epoch = n_records // global_batch
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n_records, generator=torch.Generator().manual_seed(seed + epoch))
+    return perm[k * global_batch:(k + 1) * global_batch].tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss
+
+
+def token_loss_sum(model, batch):
+    """Summed cross-entropy over the assistant's tokens of a micro-batch, and their count."""
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # [B, L, V]
+    labels = batch["labels"][:, 1:]  # [B, L-1]: token t is predicted at position t-1
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(),
+                                             ignore_index=-100, reduction="sum")
+    return loss, (labels != -100).sum()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+
+def main(argv=None):
+    args = p.parse_args(argv)
+    env = vlm.init_distributed()
+    rank, world, device, master = env["rank"], env["world"], env["device"], env["master"]
+    if args.global_batch % world:
+        raise SystemExit(f"--global-batch {args.global_batch} must be divisible by the number of ranks ({world})")
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+
+    # model: fp32 master weights; bf16 compute on GPU (autocast, or FSDP2's policy when sharded)
+    model, tokenizer, image_processor = vlm.load_model(args.model, "float32", device, args.min_pixels,
+                                                       args.max_pixels)
+    vlm.freeze_vision_tower(model, not args.train_vision)
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    model = vlm.shard_model(model, device, world)
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+
+    # data
+    system = None if args.no_system_prompt else vlm.SYSTEM_PROMPT
+    records = vlm.load_records(args.data, args.fmt, args.image_root, need=("question", "response"))
+    records, n_dropped = fitting_records(records, tokenizer, image_processor, args.max_length, system)
+    if len(records) < args.global_batch:
+        raise SystemExit(f"{args.data}: only {len(records)} samples fit in --max-length {args.max_length}; "
+                         f"need at least --global-batch {args.global_batch}")
+    per_epoch = len(records) // args.global_batch
+    total_steps = args.max_steps or max(1, math.floor(args.epochs * per_epoch))
+    encode = encoder(tokenizer, image_processor, system, args.cache_size)
+    if master:
+        print(f"{len(records)} samples, {n_dropped} dropped as longer than {args.max_length} tokens; "
+              f"{total_steps} steps of {args.global_batch} on {world} rank(s)")
+
+    start = 0
+    ckpt = vlm.latest_checkpoint(args.out) if args.resume else None
+    if ckpt:
+        start = vlm.load_checkpoint(ckpt, model, optimizer, rank)["step"]
+        if master:
+            print(f"resumed from {ckpt} at step {start}")
+    elif master and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
+        os.remove(os.path.join(args.out, "metrics.jsonl"))  # a fresh run starts a fresh log
+
+    bar = tqdm(range(start, total_steps), disable=not master, desc="sft", initial=start, total=total_steps)
+    for step in bar:
+        t0 = time.perf_counter()
+        lr = vlm.cosine_lr(step, total_steps, args.lr, int(args.warmup_ratio * total_steps), args.min_lr)
+        vlm.set_lr(optimizer, lr)
+        # this rank's share of the global batch, then micro-batches
+        mine = step_indices(step, len(records), args.global_batch, args.seed)[rank::world]
+        micro = [mine[i:i + args.micro_batch] for i in range(0, len(mine), args.micro_batch)]
+        batches = [vlm.collate([encode(records[i]) for i in m], tokenizer.pad_token_id, label_examples=True)
+                   for m in micro]
+        # normalise by the assistant tokens of the whole global batch, so any number of ranks and
+        # micro-batches gives the same gradient (FSDP2 averages over ranks: hence the * world)
+        n_tokens = sum((b["labels"][:, 1:] != -100).sum() for b in batches).to(device)
+        if world > 1:
+            dist.all_reduce(n_tokens)
+        loss_sum = torch.zeros((), device=device)
+        for i, b in enumerate(batches):
+            if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce gradients on the last one only
+                model.set_requires_gradient_sync(i == len(batches) - 1)
+            with vlm.autocast(device):
+                loss, _ = token_loss_sum(model, vlm.to_device(b, device))
+            (loss * world / n_tokens).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        dt = time.perf_counter() - t0
+        seq_tokens = torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches), device=device)
+        if world > 1:
+            dist.all_reduce(seq_tokens)
+        rec = {"step": step + 1, "loss": (loss_sum / n_tokens).item(), "lr": lr, "grad_norm": float(grad_norm),
+               "tokens_per_s": seq_tokens.item() / dt, "samples_seen": (step + 1) * args.global_batch,
+               "dropped_too_long": n_dropped}
+        if master:
+            vlm.log_metrics(os.path.join(args.out, "metrics.jsonl"), rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
+        if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            vlm.save_checkpoint(args.out, step + 1, model, optimizer, {"samples_seen": rec["samples_seen"]}, rank)
+
+    vlm.save_checkpoint(args.out, total_steps, model, optimizer, {"samples_seen": total_steps * args.global_batch},
+                        rank)
+    out = vlm.export_hf(model, tokenizer, image_processor, os.path.join(args.out, "model"), rank,
+                        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if master:
+        print(f"saved {out}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

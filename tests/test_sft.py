@@ -1,0 +1,132 @@
+"""04_sft.py by example: the loss mask, 1 vs 2 ranks, resume, released records, too-long samples."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, solid_image
+
+import vlm
+
+sft = importlib.import_module("04_sft")
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 40), "blue": (40, 70, 220)}
+
+
+def colour_sft_data(folder, n=32, seed=0):
+    """n solid squares with a one-line R1-style response naming the colour."""
+    import random
+
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    with open(os.path.join(folder, "sft.jsonl"), "w") as f:
+        for i in range(n):
+            c = rng.choice(sorted(COLOURS))
+            solid_image(56, COLOURS[c]).save(os.path.join(folder, "images", f"{i}.png"))
+            f.write(json.dumps({"id": str(i), "image": f"images/{i}.png", "question": "What colour is the square?",
+                                "answer": c, "verifier_type": "open",
+                                "response": f"<think> It is {c}. </think> <answer>{c}</answer>"}) + "\n")
+    return os.path.join(folder, "sft.jsonl")
+
+
+def run_sft(*args, nproc=1):
+    cmd = [sys.executable, "04_sft.py"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "04_sft.py"]
+    r = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_loss_mask_covers_exactly_the_answer_tokens(tiny):
+    _, tok, ip = tiny
+    response = "<think> It is red. </think> <answer>red</answer>"
+    ex = vlm.encode_example(tok, ip, "What colour is the square?", solid_image(56), response=response)
+    batch = vlm.collate([ex], tok.pad_token_id, label_examples=True)
+    n_answer = len(tok(response + "<|im_end|>", add_special_tokens=False)["input_ids"])
+    L = batch["input_ids"].shape[1]
+    kept = (batch["labels"][0] != -100).nonzero().flatten().tolist()
+    assert kept == list(range(L - n_answer, L))  # the assistant's tokens and nothing else
+    assert tok.decode(batch["labels"][0, kept]) == response + "<|im_end|>"
+    assert tok.image_token_id not in batch["labels"][0, kept].tolist()
+
+
+def test_token_loss_is_normalised_over_answer_tokens(tiny):
+    model, tok, ip = tiny
+    ex = [vlm.encode_example(tok, ip, "Q?", solid_image(56), response=r) for r in ("<answer>red</answer>", "A")]
+    batch = vlm.collate(ex, tok.pad_token_id, label_examples=True)
+    with torch.no_grad():
+        loss_sum, n = sft.token_loss_sum(model, batch)
+    assert n == sum(len(e["input_ids"]) - e["n_prompt"] for e in ex)
+    assert 0 < loss_sum / n < 20
+
+
+def test_two_ranks_give_the_same_loss_curve_as_one(tmp_path, tiny_model_dir):
+    data = colour_sft_data(str(tmp_path / "d"))
+    common = ["--model", tiny_model_dir, "--data", data, "--global-batch", 16, "--micro-batch", 4, "--lr", 2e-3,
+              "--max-steps", 4]
+    run_sft(*common, "--out", tmp_path / "one")
+    run_sft(*common, "--out", tmp_path / "two", nproc=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == 4 and one[-1] < one[0]
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-4
+
+
+def test_resume_continues_exactly(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    data = colour_sft_data(str(tmp_path / "d"))
+    # a constant LR (min-lr = lr, no warmup), so a 5-step run is the first half of a 10-step run
+    common = ["--model", tiny_model_dir, "--data", data, "--global-batch", 8, "--micro-batch", 8, "--lr", 1e-3,
+              "--min-lr", 1e-3, "--warmup-ratio", 0]
+    run_sft(*common, "--out", tmp_path / "straight", "--max-steps", 10)
+    run_sft(*common, "--out", tmp_path / "halves", "--max-steps", 5)
+    r = run_sft(*common, "--out", tmp_path / "halves", "--max-steps", 10, "--resume")
+    assert "resumed from" in r.stdout and "ckpt-5" in r.stdout
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "halves" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert [json.loads(line)["step"] for line in open(tmp_path / "halves" / "metrics.jsonl")] == list(range(1, 11))
+
+
+def test_released_records_load_and_too_long_samples_are_counted_not_cut(tmp_path, tiny):
+    _, tok, ip = tiny
+    solid_image(56).save(tmp_path / "a.png")
+    short = {"image": "a.png", "question": "Colour?", "answer": "<think>red</think><answer>red</answer>"}
+    long = {"image": "a.png", "question": "Colour?", "answer": "<think>" + "very long " * 200 + "</think><answer>red</answer>"}
+    path = tmp_path / "VLAA-Thinking-SFT-126K.json"
+    path.write_text(json.dumps(short) + "\n" + json.dumps(long) + "\n")
+    records = vlm.load_records(str(path), need=("question", "response"))
+    assert [r["response"] for r in records] == [short["answer"], long["answer"]]
+    full = vlm.encode_example(tok, ip, "Colour?", solid_image(56), response=short["answer"])
+    kept, dropped = sft.fitting_records(records, tok, ip, len(full["input_ids"]) + 100, vlm.SYSTEM_PROMPT)
+    assert (len(kept), dropped) == (1, 1)
+    kept, dropped = sft.fitting_records(records[:1], tok, ip, len(full["input_ids"]), vlm.SYSTEM_PROMPT)
+    assert (len(kept), dropped) == (1, 0)  # the length check is exact: a sample of exactly max_length fits
+    kept, dropped = sft.fitting_records(records[:1], tok, ip, len(full["input_ids"]) - 1, vlm.SYSTEM_PROMPT)
+    assert (len(kept), dropped) == (0, 1)
+
+
+def test_bad_input_names_file_and_line(tmp_path, tiny_model_dir):
+    bad = tmp_path / "sft.jsonl"
+    solid_image(56).save(tmp_path / "a.png")
+    bad.write_text(json.dumps({"id": "1", "image": "a.png", "question": "q", "answer": "x"}) + "\n")
+    r = subprocess.run([sys.executable, "04_sft.py", "--model", tiny_model_dir, "--data", str(bad), "--out",
+                        str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "sft.jsonl:1: missing field 'response'" in r.stderr
+
+
+@pytest.mark.parametrize("step", [0, 3, 4, 9])
+def test_data_position_is_the_step(step):
+    # 10 records, global batch 4 -> 2 steps per epoch; each epoch is a fresh permutation
+    idx = sft.step_indices(step, 10, 4, seed=0)
+    assert len(idx) == 4 and len(set(idx)) == 4
+    assert idx == sft.step_indices(step, 10, 4, seed=0)
+    epoch_steps = [sft.step_indices(s, 10, 4, seed=0) for s in (2 * (step // 2), 2 * (step // 2) + 1)]
+    assert not set(epoch_steps[0]) & set(epoch_steps[1])  # no repeat within an epoch

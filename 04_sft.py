@@ -107,15 +107,6 @@ def encoder(tokenizer, image_processor, system, cache_size):
     return encode
 
 
-def step_indices(step, n_records, global_batch, seed):
-    """The record indices of one optimizer step: a fresh permutation each epoch, so the data position
-    is just the step number (a resumed run sees exactly the batches it would have seen)."""
-    per_epoch = n_records // global_batch
-    epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(n_records, generator=torch.Generator().manual_seed(seed + epoch))
-    return perm[k * global_batch:(k + 1) * global_batch].tolist()
-
-
 # ----------------------------------------------------------------------------------------------------
 # Loss
 
@@ -182,7 +173,7 @@ def main(argv=None):
         lr = vlm.cosine_lr(step, total_steps, args.lr, int(args.warmup_ratio * total_steps), args.min_lr)
         vlm.set_lr(optimizer, lr)
         # this rank's share of the global batch, then micro-batches
-        mine = step_indices(step, len(records), args.global_batch, args.seed)[rank::world]
+        mine = vlm.step_indices(step, len(records), args.global_batch, args.seed)[rank::world]
         micro = [mine[i:i + args.micro_batch] for i in range(0, len(mine), args.micro_batch)]
         batches = [vlm.collate([encode(records[i]) for i in m], tokenizer.pad_token_id, label_examples=True)
                    for m in micro]

@@ -263,7 +263,7 @@ def encode_example(tokenizer, image_processor, question, image=None, response=No
     if response is not None:
         ids = prompt_ids + tokenizer(response + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
     return {"input_ids": torch.tensor(ids), "pixel_values": pixel_values, "image_grid_thw": grid,
-            "n_prompt": len(prompt_ids)}
+            "n_prompt": len(prompt_ids), "image_token_id": tokenizer.image_token_id}
 
 
 def collate(examples, pad_id, label_examples=False):
@@ -283,6 +283,9 @@ def collate(examples, pad_id, label_examples=False):
     batch = {"input_ids": ids, "attention_mask": mask}
     with_images = [e for e in examples if e["pixel_values"] is not None]
     if with_images:
+        # 1 marks image tokens: transformers needs it to give them 3-D (t, h, w) M-RoPE positions;
+        # without it every token silently gets plain 1-D positions
+        batch["mm_token_type_ids"] = (ids == examples[0]["image_token_id"]).int()
         batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])  # [sum patches, 1176]
         batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])  # [n_images, 3]
     if label_examples:
@@ -525,7 +528,8 @@ def _openai_backend(model, base_url=None, api_key=None, concurrency=16, timeout=
     """Chat completions over plain urllib, `concurrency` requests in flight, spread round-robin over the
     servers of `base_url` (comma list or list: one `vllm serve` per node), each failed attempt retried
     on the next server after an exponential backoff with jitter. Retried: connection errors, timeouts,
-    HTTP 429 and 5xx; any other HTTP error is raised at once with the server's message."""
+    HTTP 408, 429 and 5xx; any other HTTP error is raised at once with the server's message.
+    api_key: None reads $OPENAI_API_KEY, "" sends none. extra_body: more fields for every request."""
     import itertools
     import random
     import threading
@@ -538,7 +542,7 @@ def _openai_backend(model, base_url=None, api_key=None, concurrency=16, timeout=
     base_url = base_url or os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")
     bases = [b.strip().rstrip("/") for b in (base_url.split(",") if isinstance(base_url, str) else base_url)]
     bases = [b for b in bases if b]
-    api_key = api_key or os.environ.get("OPENAI_API_KEY")
+    api_key = os.environ.get("OPENAI_API_KEY") if api_key is None else api_key  # "": send no key
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
     turn, lock = itertools.count(), threading.Lock()
 
@@ -556,13 +560,16 @@ def _openai_backend(model, base_url=None, api_key=None, concurrency=16, timeout=
                 choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
                 return [_choice_text(c) for c in choices]
             except urllib.error.HTTPError as e:
-                detail = e.read().decode(errors="replace")[:500]
-                if e.code != 429 and e.code < 500:  # our request is wrong: retrying will not help
+                try:
+                    detail = e.read().decode(errors="replace")[:500]
+                except (OSError, HTTPException):
+                    detail = ""
+                if e.code not in (408, 429) and e.code < 500:  # our request is wrong: retrying will not help
                     raise RuntimeError(f"{url}: HTTP {e.code}: {detail}") from None
                 error = f"HTTP {e.code}: {detail}"
                 retry_after = e.headers.get("Retry-After", "") if e.headers else ""
                 wait = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, HTTPException, ValueError, KeyError) as e:
+            except (OSError, HTTPException, ValueError, KeyError) as e:  # refused, reset, timed out, bad JSON
                 error = f"{type(e).__name__}: {e}"
             if attempt == retries:
                 raise RuntimeError(f"openai backend: {retries + 1} attempts failed, last from {url}: {error}")
@@ -584,8 +591,11 @@ def _openai_backend(model, base_url=None, api_key=None, concurrency=16, timeout=
 
     def gen(requests, n=1, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, **_):
         sampling = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
-        with ThreadPoolExecutor(max(1, min(concurrency, len(requests)))) as pool:
+        pool = ThreadPoolExecutor(max(1, min(concurrency, len(requests))))
+        try:
             return list(pool.map(lambda r: one(r, n, sampling, seed), requests))
+        finally:  # on Ctrl-C or an error, start no queued request
+            pool.shutdown(wait=False, cancel_futures=True)
 
     return gen
 
@@ -669,25 +679,30 @@ def add_generation_args(parser, batch_size=64, max_new_tokens=1024, temperature=
                    help="openai: server URL, or a comma list of them (one per node; requests are spread "
                         "round-robin) (default: $OPENAI_BASE_URL or %(default)s)")
     g.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                   help="openai: name of the environment variable holding the API key (default: %(default)s)")
+                   help="openai: name of the environment variable holding the API key; unset: no key is sent "
+                        "(default: %(default)s)")
     g.add_argument("--concurrency", type=int, default=16, help="openai: requests in flight (default: %(default)s)")
     g.add_argument("--timeout", type=float, default=600.0,
                    help="openai: seconds to wait for one response (default: %(default)s)")
     g.add_argument("--retries", type=int, default=5,
-                   help="openai: retries of a request after errors, timeouts, 429 and 5xx (default: %(default)s)")
+                   help="openai: retries of a request after errors, timeouts, 408, 429 and 5xx "
+                        "(default: %(default)s)")
     g.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="vllm: GPUs one engine spans (8 for a 72B model) (default: %(default)s)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="vllm: context length; None keeps the model's (default: %(default)s)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm: (default: %(default)s)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="vllm: share of each GPU's memory the engine may take (default: %(default)s)")
     g.add_argument("--max-pixels", type=int, default=None,
                    help="hf/vllm: resize images to at most this many pixels (default: the model's setting)")
     g.add_argument("--batch-size", type=int, default=batch_size,
-                   help="records per backend call, appended to the output after each (default: %(default)s)")
+                   help="records per backend call, appended to the output after each; with openai, make it "
+                        "several times --concurrency (default: %(default)s)")
     g.add_argument("--limit", type=int, default=None, help="only the first N input records (default: all)")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="(default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help="the longest completion, in tokens (default: %(default)s)")
     g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy (default: %(default)s)")
-    g.add_argument("--top-p", type=float, default=top_p, help="(default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     g.add_argument("--skip-bad", action="store_true",
                    help="report and count bad records (missing field or image) instead of stopping")
@@ -696,18 +711,21 @@ def add_generation_args(parser, batch_size=64, max_new_tokens=1024, temperature=
 def backend_from_args(args, model):
     """make_backend with the options of `args.backend` taken from add_generation_args' flags."""
     opts = {
-        "hf": dict(batch_size=args.batch_size, max_pixels=args.max_pixels),
+        "hf": {"batch_size": args.batch_size, "max_pixels": args.max_pixels},
         "toy": {},
-        "vllm": dict(tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
-                     gpu_memory_utilization=args.gpu_memory_utilization, max_pixels=args.max_pixels, seed=args.seed),
-        "openai": dict(base_url=args.base_url, api_key=os.environ.get(args.api_key_env), concurrency=args.concurrency,
-                       timeout=args.timeout, retries=args.retries),
+        "vllm": {"tensor_parallel_size": args.tensor_parallel_size, "max_model_len": args.max_model_len,
+                 "gpu_memory_utilization": args.gpu_memory_utilization, "max_pixels": args.max_pixels,
+                 "seed": args.seed},
+        "openai": {"base_url": args.base_url, "api_key": os.environ.get(args.api_key_env, ""),
+                   "concurrency": args.concurrency, "timeout": args.timeout, "retries": args.retries},
     }[args.backend]
     return make_backend(args.backend, model, **opts)
 
 
 def sampling_from_args(args):
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    """The sampling keywords of a backend call, from add_generation_args' flags."""
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "seed": args.seed}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -751,7 +769,7 @@ def shard_model(model, device, world):
     """
     if world == 1:
         return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
         else MixedPrecisionPolicy()
@@ -759,6 +777,9 @@ def shard_model(model, device, world):
         fully_shard(layer, mp_policy=mp)
     fully_shard(model.model.visual, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    # generate() is not forward(): without this, its first direct call into the vision tower would
+    # initialise that unit as a root of its own and break the real root's initialisation
+    register_fsdp_forward_method(model, "generate")
     return model
 
 
@@ -777,6 +798,15 @@ def cosine_lr(step, total_steps, peak_lr, warmup_steps=0, min_lr=0.0):
         return peak_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def step_indices(step, n_records, batch, seed):
+    """The record indices of one optimizer step: a fresh permutation each epoch, so the data position
+    is just the step number (a resumed run sees exactly the batches it would have seen)."""
+    per_epoch = max(1, n_records // batch)
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n_records, generator=torch.Generator().manual_seed(seed + epoch))
+    return perm[k * batch:(k + 1) * batch].tolist()
 
 
 def set_lr(optimizer, lr):

@@ -125,8 +125,8 @@ def test_bad_input_names_file_and_line(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("step", [0, 3, 4, 9])
 def test_data_position_is_the_step(step):
     # 10 records, global batch 4 -> 2 steps per epoch; each epoch is a fresh permutation
-    idx = sft.step_indices(step, 10, 4, seed=0)
+    idx = vlm.step_indices(step, 10, 4, seed=0)
     assert len(idx) == 4 and len(set(idx)) == 4
-    assert idx == sft.step_indices(step, 10, 4, seed=0)
-    epoch_steps = [sft.step_indices(s, 10, 4, seed=0) for s in (2 * (step // 2), 2 * (step // 2) + 1)]
+    assert idx == vlm.step_indices(step, 10, 4, seed=0)
+    epoch_steps = [vlm.step_indices(s, 10, 4, seed=0) for s in (2 * (step // 2), 2 * (step // 2) + 1)]
     assert not set(epoch_steps[0]) & set(epoch_steps[1])  # no repeat within an epoch

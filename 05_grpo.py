@@ -1,0 +1,519 @@
+"""Stage 5: GRPO with the mixed perception + cognition reward, written out in plain PyTorch.
+
+The paper's main recipe (§4): start from an instruct model (or 04_sft.py's output, to measure how
+SFT hurts), and for each step: take P prompts (image + question), sample G completions each, score
+them with rewards.py (digit / multiple choice / math-verify / box IoU / reward model), normalise the
+rewards within each group into advantages, and take clipped policy-gradient steps with a KL term to
+a frozen reference model. One file, top to bottom: arguments, data, rollouts, the objective, the loop.
+
+    # CPU, tiny model: a couple of minutes (rollouts by transformers generate, gloo)
+    python 05_grpo.py --model runs/sft/model --data runs/data/rl.jsonl --out runs/grpo \
+        --rollout-batch 8 --group-size 8 --train-batch 64 --max-new-tokens 48 --lr 1e-3 --temperature 1.0
+    # one GPU, Qwen2.5-VL-3B on the released RL data, rollouts in a colocated vLLM engine
+    python 05_grpo.py --model Qwen/Qwen2.5-VL-3B-Instruct --data VLAA-Thinking-GRPO-25K.json \
+        --image-root /data/vlaa/images --out runs/grpo-3b --rollout vllm --micro-batch 4
+    # 8 GPUs (FSDP2 + NCCL, one vLLM engine per rank); several nodes: torchrun's --nnodes/--rdzv-endpoint
+    torchrun --nproc_per_node 8 05_grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --data ... --rollout vllm
+
+Defaults are the paper's (SPEC §3): G=4, temperature 0.8, rollout batch 512 prompts, train batch 256
+completions (8 optimizer updates per rollout), 1 episode, cosine LR to a minimum with warmup ("LR2"),
+adaptive KL starting at 1e-3 with target 5e-4 ("KL2"). What the paper left open is a flag.
+
+Outputs in --out: metrics.jsonl (one line per step), rollouts.jsonl (sampled completions), checkpoints/
+(resumable with --resume), model/ (a Hugging Face folder, like any Qwen2.5-VL checkpoint).
+"""
+
+import argparse
+import os
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import rewards
+import vlm
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--model", required=True, help="starting checkpoint: hub id, 04_sft.py's OUT/model, or a tiny model")
+p.add_argument("--data", required=True, help="rl.jsonl from 03 or the released VLAA-Thinking-GRPO-25K.json")
+p.add_argument("--fmt", default="auto", choices=["auto", "ours", "vlaa"], help="record format of --data")
+p.add_argument("--image-root", default=None, help="folder that image paths are relative to (default: the data file's)")
+p.add_argument("--out", required=True, help="output folder")
+p.add_argument("--no-system-prompt", action="store_true", help="prompt without the VLAA system prompt")
+p.add_argument("--min-pixels", type=int, default=None, help="image processor min_pixels (default: the checkpoint's)")
+p.add_argument("--max-pixels", type=int, default=None, help="image processor max_pixels")
+# rollouts
+p.add_argument("--rollout", default="hf", choices=["hf", "vllm"], help="hf: transformers generate; vllm: colocated")
+p.add_argument("--rollout-batch", type=int, default=512, help="prompts per step over all ranks (paper: 512)")
+p.add_argument("--group-size", type=int, default=4, help="completions per prompt, G (paper: 4)")
+p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (paper: 0.8)")
+p.add_argument("--top-p", type=float, default=1.0)
+p.add_argument("--max-new-tokens", type=int, default=1024, help="completion length cap (paper: not stated)")
+p.add_argument("--vllm-gpu-memory", type=float, default=0.3, help="vLLM gpu_memory_utilization per rank")
+# objective
+p.add_argument("--train-batch", type=int, default=256, help="completions per optimizer update over all ranks "
+               "(paper: 256, so a rollout of 512x4 gives 8 updates)")
+p.add_argument("--micro-batch", type=int, default=8, help="completions per forward pass on one rank")
+p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout")
+p.add_argument("--clip-low", type=float, default=0.2, help="ratio clipped below at 1 - clip_low")
+p.add_argument("--clip-high", type=float, default=0.2, help="ratio clipped above at 1 + clip_high (DAPO: 0.28)")
+p.add_argument("--kl-coef", type=float, default=1e-3, help="KL coefficient, k3 estimator in the loss; 0 = no "
+               "reference model (paper KL2: start 1e-3)")
+p.add_argument("--kl-target", type=float, default=5e-4, help="adaptive KL target (paper KL2: 5e-4); 0 = fixed coef")
+p.add_argument("--kl-horizon", type=int, default=10000, help="adaptive KL horizon in samples (OpenRLHF default)")
+p.add_argument("--scale-rewards", default="group", choices=["group", "none"],
+               help="group: (r - mean) / std (GRPO); none: r - mean (Dr. GRPO)")
+p.add_argument("--loss-agg", default="token", choices=["token", "seq"],
+               help="token: mean over all tokens (DAPO); seq: mean per sequence, then over sequences (GRPO)")
+p.add_argument("--drop-uniform-groups", action="store_true",
+               help="leave out groups whose rewards are all equal (DAPO's dynamic sampling, without resampling)")
+p.add_argument("--format-weight", type=float, default=0.0, help="weight of the strict format term (paper: 0)")
+p.add_argument("--reward-model", default=None, help="HF reward model for `open` samples (paper: "
+               "internlm/internlm-xcomposer2d5-7b-reward); without it, open samples are dropped")
+p.add_argument("--trust-remote-code", action="store_true", help="allow the reward model's own code")
+p.add_argument("--open-beta", type=float, default=0.2, help="beta of the open-ended reward (ScoreRS: 0.2)")
+# optimisation
+p.add_argument("--lr", type=float, default=5e-6, help="peak LR (paper: not stated; 5e-6 if min LR is 0.1x)")
+p.add_argument("--min-lr", type=float, default=5e-7, help="cosine floor (paper LR2: 5e-7)")
+p.add_argument("--warmup-ratio", type=float, default=0.03, help="share of steps warming up (paper LR2: 3%%)")
+p.add_argument("--weight-decay", type=float, default=0.0)
+p.add_argument("--grad-clip", type=float, default=1.0)
+p.add_argument("--episodes", type=float, default=1.0, help="passes over the prompts (paper: 1, i.e. 49 steps)")
+p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --episodes)")
+p.add_argument("--train-vision", action="store_true", help="train the vision tower too (default: frozen)")
+p.add_argument("--activation-checkpointing", action="store_true")
+p.add_argument("--ref-offload", action="store_true", help="keep the reference model in CPU memory (GPU)")
+# bookkeeping
+p.add_argument("--save-every", type=int, default=50, help="resumable checkpoint every N steps")
+p.add_argument("--log-rollouts-every", type=int, default=10, help="write sampled rollouts every N steps")
+p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+p.add_argument("--seed", type=int, default=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: RL records, each prompt encoded (its image processed) once
+
+
+def load_rl_records(path, fmt, image_root, has_rm, master):
+    records = vlm.load_records(path, fmt, image_root, need=("question", "answer", "verifier_type"))
+    kept = [r for r in records if r["verifier_type"] != "open" or has_rm]
+    if master and len(kept) < len(records):  # DESIGN: dropped with a count, never scored 0
+        print(f"dropped {len(records) - len(kept)} `open` samples: they need --reward-model")
+    return kept
+
+
+def prompt_encoder(tokenizer, image_processor, system):
+    """record -> encoded prompt; cached, because each record is prompted every episode and the image
+    processor was measured at 19-25% of a tiny step (notes/toy-learnability.md)."""
+    cache = {}
+
+    def encode(r):
+        if r["id"] not in cache:
+            cache[r["id"]] = vlm.encode_example(tokenizer, image_processor, r["question"],
+                                                vlm.load_image(r["image"], r["id"]), system=system)
+        return cache[r["id"]]
+
+    return encode
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rollouts: HF generate, or one colocated vLLM engine per rank
+
+
+def rollout_hf(model, prompts, group_size, args, pad_id):
+    """Sample G completions per prompt with the current policy -> (ids [P*G, T], mask [P*G, T])."""
+    batch = vlm.repeat_batch(vlm.collate(prompts, pad_id), group_size)  # rows p*G .. p*G+G-1: prompt p
+    model.eval()
+    comp, mask = vlm.sample_completions(model, vlm.to_device(batch, model.device), args.max_new_tokens,
+                                        args.temperature, args.top_p, pad_id=pad_id)
+    model.train()
+    return comp, mask
+
+
+def vllm_weight_name(name):
+    """HF parameter name -> the name vLLM's Qwen2.5-VL loader expects. transformers v5 names
+    (model.language_model.*, model.visual.*, lm_head.*) pass through: vLLM maps them itself; only the
+    wrappers' prefixes go (activation checkpointing, torch.compile, FSDP1)."""
+    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+def make_vllm_engine(args, rank):
+    """One engine per rank, in this process (external_launcher), asleep until the first rollout.
+    Built before the training model lands on the GPU: vLLM checks free memory at start (vllm-colocate.md)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in-process: weights reachable
+    from vllm import LLM
+
+    mm_kwargs = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
+    llm = LLM(model=args.model, tensor_parallel_size=1, distributed_executor_backend="external_launcher",
+              dtype="bfloat16", seed=args.seed + rank, gpu_memory_utilization=args.vllm_gpu_memory,
+              max_model_len=args.max_new_tokens + 4096, enable_sleep_mode=True, enable_prefix_caching=True,
+              limit_mm_per_prompt={"image": 1, "video": 0}, mm_processor_cache_gb=0,
+              mm_processor_kwargs=mm_kwargs or None, max_num_batched_tokens=max(8192, args.max_new_tokens + 4096))
+    llm.sleep(level=1)  # level 1 keeps a CPU copy of the weights: a partial push stays correct
+    return llm
+
+
+def push_weights_to_vllm(llm, model, skip_vision):
+    """Wake the engine's weights and load the policy's, one full tensor at a time (full_tensor() is a
+    collective: every rank walks the same names in the same order), then wake the KV cache."""
+    torch.cuda.empty_cache()
+    llm.wake_up(tags=["weights"])
+    runner_model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    for name, t in model.state_dict().items():
+        full = t.full_tensor() if hasattr(t, "full_tensor") else t
+        if skip_vision and ".visual." in f".{name}":
+            continue  # frozen: the engine's copy is already right
+        runner_model.load_weights([(vllm_weight_name(name), full.to(torch.bfloat16))])
+    llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+    llm.wake_up(tags=["kv_cache"])
+
+
+def rollout_vllm(llm, records, group_size, args, tokenizer, system, vision_ids):
+    """Generate with the colocated engine; it expands the one <|image_pad|> per prompt itself."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(n=group_size, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
+                        logit_bias={i: -100.0 for i in vision_ids})  # never sample vision tokens
+    reqs = [{"prompt": vlm.chat_prompt(tokenizer, r["question"], 1, system),
+             "multi_modal_data": {"image": vlm.load_image(r["image"], r["id"])}} for r in records]
+    outs = llm.generate(reqs, sp, use_tqdm=False)
+    llm.sleep(level=1)
+    seqs = [list(o.token_ids) for out in outs for o in out.outputs]  # P*G, grouped by prompt
+    T = max(1, max(len(s) for s in seqs))
+    comp = torch.full((len(seqs), T), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        comp[i, :len(s)], mask[i, :len(s)] = torch.tensor(s, dtype=torch.long), 1
+    return comp, mask
+
+
+# ----------------------------------------------------------------------------------------------------
+# The GRPO objective
+
+
+def group_advantages(rewards, group_size, scale="group", eps=1e-4):
+    """(r - group mean) / (group std + eps), or just r - mean with scale="none" (Dr. GRPO).
+    rewards: [P*G], grouped by prompt. A group whose rewards are all equal gets advantage 0."""
+    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)  # [P, G]
+    adv = r - r.mean(1, keepdim=True)
+    if scale == "group":
+        adv = adv / (r.std(1, keepdim=True) + eps) if group_size > 1 else adv
+    elif scale != "none":
+        raise ValueError(f"scale must be 'group' or 'none', not {scale!r}")
+    return adv.flatten()  # [P*G]
+
+
+def kl_k3(logp, ref_logp):
+    """Schulman's k3 estimator of KL(pi || ref) per token: exp(ref - logp) - (ref - logp) - 1 >= 0.
+    The log-ratio is clamped, as in verl and EasyR1, because exp() of a large gap overflows."""
+    d = (ref_logp - logp).clamp(-20, 20)
+    return torch.exp(d) - d - 1
+
+
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_high=0.2, kl_coef=0.0,
+                loss_agg="token", normalizer=None):
+    """The clipped GRPO surrogate plus kl_coef * k3 KL, all [B, T] per-token tensors but advantages [B].
+
+    loss_agg "token": sum over every completion token / normalizer (default: their number);
+             "seq": per-sequence token mean, summed over sequences / normalizer (default: sequences).
+    A caller splitting a batch over micro-batches and ranks passes the global count as normalizer,
+    so the pieces add up to the loss of the whole batch. Returns (loss, stats dict of floats).
+    """
+    mask = mask.float()
+    log_ratio = (logp - old_logp).clamp(-20, 20)  # clamped like verl and EasyR1: exp() must not overflow
+    ratio = torch.exp(log_ratio)
+    adv = advantages.unsqueeze(1)  # [B, 1]: one advantage for every token of a completion
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
+    per_token = -torch.min(unclipped, clipped)  # [B, T]
+    kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    if kl_coef:
+        per_token = per_token + kl_coef * kl
+    n_tok = mask.sum()
+    if loss_agg == "token":
+        loss = (per_token * mask).sum() / (normalizer if normalizer is not None else n_tok.clamp(min=1))
+    elif loss_agg == "seq":
+        per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B]; an empty row adds 0
+        loss = per_seq.sum() / (normalizer if normalizer is not None else max(1, int((mask.sum(1) > 0).sum())))
+    else:
+        raise ValueError(f"loss_agg must be 'token' or 'seq', not {loss_agg!r}")
+    with torch.no_grad():
+        is_clipped = (clipped < unclipped).float()  # the clipped term is the one min() picks
+        denom = n_tok.clamp(min=1)
+        stats = {"clip_frac": float((is_clipped * mask).sum() / denom), "kl": float((kl * mask).sum() / denom),
+                 "ratio": float((ratio * mask).sum() / denom), "tokens": float(n_tok)}
+    return loss, stats
+
+
+def adaptive_kl_coef(coef, kl, target, n_samples, horizon):
+    """OpenRLHF's AdaptiveKLController (the paper's KL1/KL2 settings): nudge the coefficient so the
+    observed KL drifts toward the target, by at most 20% per horizon of samples."""
+    error = max(-0.2, min(0.2, kl / target - 1))
+    return coef * (1 + error * n_samples / horizon)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Log-probs
+
+
+def image_features(model, prompts):
+    """The vision tower on each prompt's image once (no grad): reused by the reference, old and policy
+    forwards of all G completions while the tower is frozen, instead of G x 3 runs."""
+    pixel_values = torch.cat([e["pixel_values"] for e in prompts]).to(model.device)
+    grid = torch.cat([e["image_grid_thw"] for e in prompts]).to(model.device)
+    with torch.no_grad():
+        out = model.model.visual(pixel_values.to(model.dtype), grid_thw=grid)
+    sizes = (grid.prod(-1) // model.config.vision_config.spatial_merge_size ** 2).tolist()
+    return list(torch.split(out.pooler_output, sizes))  # one [tokens, hidden] per prompt
+
+
+def sequence_batch(prompts, rows, group_size, comp, comp_mask, pad_id, features=None):
+    """Model inputs for completion rows: [left pad | prompt | completion | right pad], with the images
+    as pixels or as precomputed vision features. Returns (batch, prompt width)."""
+    batch = vlm.collate([prompts[r // group_size] for r in rows], pad_id)
+    P = batch["input_ids"].shape[1]
+    c, m = comp[rows], comp_mask[rows]  # [b, T]
+    batch["input_ids"] = torch.cat([batch["input_ids"], c], 1)
+    batch["attention_mask"] = torch.cat([batch["attention_mask"], m], 1)
+    batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(c, dtype=torch.int)], 1)
+    if features is not None:
+        del batch["pixel_values"]
+        batch["mm_encoder_outputs"] = {"image": SimpleNamespace(pooler_output=[features[r // group_size] for r in rows])}
+    return batch, P
+
+
+def token_logprobs(model, batch, P, comp, temperature, vision_ids, with_entropy=False):
+    """log pi(token) for every completion token, under the distribution we sample from: logits / T,
+    with the suppressed vision tokens at -inf. Returns ([b, T], entropy [b, T] or None)."""
+    device = model.device
+    inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    logits = model(**inputs).logits[:, P - 1:-1].float() / temperature  # [b, T, V]: position t predicts token t+1
+    logits[..., vision_ids] = float("-inf")
+    lse = torch.logsumexp(logits, -1)  # [b, T]
+    logp = logits.gather(-1, comp.to(device).unsqueeze(-1)).squeeze(-1) - lse
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            probs = torch.softmax(logits, -1)
+            entropy = lse - (probs * logits.nan_to_num(neginf=0.0)).sum(-1)
+    return logp, entropy
+
+
+def forward_rows(model, prompts, rows_list, group_size, comp, comp_mask, args, pad_id, vision_ids, features):
+    """No-grad log-probs for several micro-batches (reference or old policy) -> [N, T] on the CPU."""
+    out = torch.zeros(comp.shape)
+    with torch.no_grad():
+        for rows in rows_list:
+            b, P = sequence_batch(prompts, rows, group_size, comp, comp_mask, pad_id, features)
+            with vlm.autocast(model.device):
+                lp, _ = token_logprobs(model, b, P, comp[rows], args.temperature, vision_ids)
+            out[rows] = lp.float().cpu()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
+def group_stats(rewards_t, texts, group_size):
+    g = rewards_t.view(-1, group_size)
+    distinct = [len(set(texts[i:i + group_size])) for i in range(0, len(texts), group_size)]
+    return {"uniform_groups": float((g.std(1) == 0).float().mean()) if group_size > 1 else 1.0,
+            "distinct_per_group": sum(distinct) / len(distinct)}
+
+
+def reduce_mean(values, world):
+    """Average a dict of floats over ranks (for logging)."""
+    if world == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: v / world for k, v in zip(keys, t.tolist())}
+
+
+def main(argv=None):
+    args = p.parse_args(argv)
+    env = vlm.init_distributed()
+    rank, world, device, master = env["rank"], env["world"], env["device"], env["master"]
+    if args.rollout_batch % world or args.train_batch % world:
+        raise SystemExit(f"--rollout-batch and --train-batch must be divisible by the number of ranks ({world})")
+    rows_per_rank = args.rollout_batch // world * args.group_size
+    train_rows = args.train_batch // world  # completions per optimizer update on this rank
+    if rows_per_rank % train_rows:
+        raise SystemExit("--rollout-batch x --group-size must be a multiple of --train-batch")
+    torch.manual_seed(args.seed + rank)  # each rank samples its own completions
+    os.makedirs(args.out, exist_ok=True)
+
+    llm = make_vllm_engine(args, rank) if args.rollout == "vllm" else None
+    model, tokenizer, image_processor = vlm.load_model(args.model, "float32", device, args.min_pixels, args.max_pixels)
+    vlm.freeze_vision_tower(model, not args.train_vision)
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    model = vlm.shard_model(model, device, world)
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    use_ref = args.kl_coef > 0
+    ref = None
+    if use_ref:  # a frozen copy of the start model; on the CPU between uses with --ref-offload
+        ref_device = torch.device("cpu") if args.ref_offload else device
+        ref = vlm.shard_model(vlm.load_model(args.model, "float32", ref_device)[0].eval().requires_grad_(False),
+                              device, world)
+    pad_id, vision_ids = tokenizer.pad_token_id, vlm.vision_token_ids(model.config)
+    rm = rewards.RewardModel.from_pretrained(args.reward_model, device=str(device), offload=True,
+                                             trust_remote_code=args.trust_remote_code) if args.reward_model else None
+
+    system = None if args.no_system_prompt else vlm.SYSTEM_PROMPT
+    records = load_rl_records(args.data, args.fmt, args.image_root, rm is not None, master)
+    if len(records) < args.rollout_batch:
+        raise SystemExit(f"{args.data}: {len(records)} usable prompts, fewer than --rollout-batch {args.rollout_batch}")
+    encode = prompt_encoder(tokenizer, image_processor, system)
+    total_steps = args.max_steps or max(1, int(args.episodes * (len(records) // args.rollout_batch)))
+    warmup = int(args.warmup_ratio * total_steps)
+
+    start, kl_coef = 0, args.kl_coef
+    ckpt = vlm.latest_checkpoint(args.out) if args.resume else None
+    if ckpt:
+        state = vlm.load_checkpoint(ckpt, model, optimizer, rank)
+        start, kl_coef = state["step"], state["kl_coef"]
+        if master:
+            print(f"resumed from {ckpt} at step {start}")
+    elif master:
+        for f in ("metrics.jsonl", "rollouts.jsonl"):  # a fresh run starts fresh logs
+            if os.path.exists(os.path.join(args.out, f)):
+                os.remove(os.path.join(args.out, f))
+    if master:
+        print(f"{len(records)} prompts; {total_steps} steps of {args.rollout_batch} prompts x {args.group_size} "
+              f"on {world} rank(s); {rows_per_rank // train_rows} update(s) per step per epoch")
+
+    for step in tqdm(range(start, total_steps), disable=not master, desc="grpo", initial=start, total=total_steps):
+        lr = vlm.cosine_lr(step, total_steps, args.lr, warmup, args.min_lr)
+        vlm.set_lr(optimizer, lr)
+        step_records = [records[i] for i in vlm.step_indices(step, len(records), args.rollout_batch, args.seed)[rank::world]]
+        samples = [r for r in step_records for _ in range(args.group_size)]  # one per completion row
+        prompts = [encode(r) for r in step_records]
+
+        # 1. rollouts
+        t0 = time.perf_counter()
+        if llm is not None:
+            push_weights_to_vllm(llm, model, skip_vision=not args.train_vision)
+            comp, comp_mask = rollout_vllm(llm, step_records, args.group_size, args, tokenizer, system, vision_ids)
+        else:
+            comp, comp_mask = rollout_hf(model, prompts, args.group_size, args, pad_id)
+        comp, comp_mask = comp.cpu(), comp_mask.cpu()  # [N, T], N = P_rank * G
+        texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
+        t1 = time.perf_counter()
+
+        # 2. rewards -> group-normalised advantages
+        rw, rstats = rewards.score_batch(texts, samples, rm=rm, format_weight=args.format_weight,
+                                         beta=args.open_beta)
+        rw = torch.tensor(rw, dtype=torch.float32)  # [N]
+        adv = group_advantages(rw, args.group_size, args.scale_rewards)
+        keep = torch.ones_like(rw)
+        if args.drop_uniform_groups:  # uniform groups carry no signal: out of the loss and its normaliser
+            keep = (rw.view(-1, args.group_size).std(1) > 0).float().repeat_interleave(args.group_size)
+        t2 = time.perf_counter()
+
+        # 3. reference and old log-probs (no grad), vision features computed once per prompt
+        features = None if args.train_vision else image_features(model, prompts)
+        order = torch.randperm(len(rw)).tolist()  # mini-batches mix prompts
+        minibatches = [order[i:i + train_rows] for i in range(0, len(order), train_rows)]
+        micro = lambda rows: [rows[i:i + args.micro_batch] for i in range(0, len(rows), args.micro_batch)]  # noqa: E731
+        all_micro = [m for mb in minibatches for m in micro(mb)]
+        ref_logp = None
+        if use_ref:
+            ref_features = None if args.train_vision else features
+            if args.ref_offload:
+                ref.to(device)
+            ref_logp = forward_rows(ref, prompts, all_micro, args.group_size, comp, comp_mask, args, pad_id,
+                                    vision_ids, ref_features)
+            if args.ref_offload:
+                ref.to("cpu")
+        off_policy = args.ppo_epochs > 1 or len(minibatches) > 1  # later updates see an older policy
+        old_logp = forward_rows(model, prompts, all_micro, args.group_size, comp, comp_mask, args, pad_id,
+                                vision_ids, features) if off_policy else None
+
+        # 4. policy updates
+        step_stats, ent_sum, ent_n = [], 0.0, 0.0
+        for _ in range(args.ppo_epochs):
+            for mb in minibatches:
+                mask_mb = comp_mask[mb].float() * keep[mb].unsqueeze(1)
+                norm = mask_mb.sum() if args.loss_agg == "token" else (mask_mb.sum(1) > 0).float().sum()
+                norm = norm.to(device)
+                if world > 1:
+                    dist.all_reduce(norm)  # the global count: every micro-batch on every rank adds up
+                norm = norm.clamp(min=1)
+                chunks = micro(mb)
+                for i, rows in enumerate(chunks):
+                    if hasattr(model, "set_requires_gradient_sync"):
+                        model.set_requires_gradient_sync(i == len(chunks) - 1)
+                    b, P = sequence_batch(prompts, rows, args.group_size, comp, comp_mask, pad_id, features)
+                    with vlm.autocast(device):
+                        logp, ent = token_logprobs(model, b, P, comp[rows], args.temperature, vision_ids,
+                                                   with_entropy=True)
+                    m = (comp_mask[rows].float() * keep[rows].unsqueeze(1)).to(device)
+                    old = old_logp[rows].to(device) if old_logp is not None else logp.detach()
+                    refl = ref_logp[rows].to(device) if ref_logp is not None else None
+                    loss, st = policy_loss(logp.float(), old, refl, adv[rows].to(device), m, args.clip_low,
+                                           args.clip_high, kl_coef, args.loss_agg, norm)
+                    (loss * world).backward()  # FSDP2 averages gradients over ranks
+                    step_stats.append(st)
+                    ent_sum += float((ent * comp_mask[rows].to(device)).sum())
+                    ent_n += float(comp_mask[rows].sum())
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+
+        # 5. bookkeeping: adaptive KL, metrics, sampled rollouts, checkpoints
+        tok = sum(s["tokens"] for s in step_stats) or 1.0
+        mean_of = lambda k: sum(s[k] * s["tokens"] for s in step_stats) / tok  # noqa: E731
+        lengths = comp_mask.sum(1).float()
+        metrics = {"reward": float(rw.mean()), "accuracy": float((rw >= 0.5).float().mean()),
+                   "adv_abs": float(adv.abs().mean()), "adv_std": float(adv.std()) if len(adv) > 1 else 0.0,
+                   "kl": mean_of("kl"), "clip_frac": mean_of("clip_frac"), "ratio": mean_of("ratio"),
+                   "entropy": ent_sum / max(ent_n, 1.0), "completion_len": float(lengths.mean()),
+                   "aha_share": sum(vlm.has_aha(t) for t in texts) / len(texts),
+                   "no_answer_share": sum(rewards.extract_answer(t) is None for t in texts) / len(texts),
+                   "grad_norm": float(grad_norm), "time_generate": t1 - t0, "time_score": t2 - t1,
+                   "time_train": t3 - t2, **group_stats(rw, texts, args.group_size),
+                   **{k: float(v) for k, v in rstats.items()}}
+        metrics = reduce_mean(metrics, world)
+        if use_ref and args.kl_target > 0:
+            kl_coef = adaptive_kl_coef(kl_coef, metrics["kl"], args.kl_target, args.rollout_batch * args.group_size,
+                                       args.kl_horizon)
+        metrics = {"step": step + 1, "lr": lr, "kl_coef": kl_coef, **metrics}
+        if master:
+            vlm.log_metrics(os.path.join(args.out, "metrics.jsonl"), metrics)
+            tqdm.write(f"step {step + 1:4d} | reward {metrics['reward']:.3f} | acc {metrics['accuracy']:.2f} | "
+                       f"kl {metrics['kl']:.4f} | len {metrics['completion_len']:.1f} | distinct/G "
+                       f"{metrics['distinct_per_group']:.2f} | gen {t1 - t0:.2f}s score {t2 - t1:.2f}s "
+                       f"train {t3 - t2:.2f}s")
+            if (step + 1) % args.log_rollouts_every == 0 or step == 0:
+                for s, t, r in list(zip(samples, texts, rw.tolist()))[:2 * args.group_size]:
+                    vlm.log_metrics(os.path.join(args.out, "rollouts.jsonl"),
+                                    {"step": step + 1, "id": s["id"], "completion": t, "reward": r})
+        if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            vlm.save_checkpoint(args.out, step + 1, model, optimizer, {"kl_coef": kl_coef}, rank)
+
+    vlm.save_checkpoint(args.out, total_steps, model, optimizer, {"kl_coef": kl_coef}, rank)
+    out = vlm.export_hf(model, tokenizer, image_processor, os.path.join(args.out, "model"), rank,
+                        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if master:
+        print(f"saved {out}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

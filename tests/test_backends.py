@@ -1,0 +1,255 @@
+"""The vllm and openai backends by example.
+
+openai: against small chat-completions servers that this file starts on 127.0.0.1 (errors, slow
+replies, R1-style `reasoning_content`, servers that ignore `n`), then stages 01 and 02 through them.
+vllm: what runs without vllm (the request building, with the tiny model's tokenizer), then the
+whole backend against a stand-in `vllm` module that records what it is given.
+"""
+
+import base64
+import importlib
+import io
+import json
+import sys
+import threading
+import time
+import types
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from conftest import solid_image
+
+import toy
+import vlm
+
+caption = importlib.import_module("01_caption")
+distill = importlib.import_module("02_distill")
+
+
+# ----------------------------------------------------------------------------------------------------
+# A local OpenAI-compatible server
+
+
+class ChatServer:
+    """POST /v1/chat/completions. `script` lists what the first requests get: 500, 429 or 400 (an error),
+    "sleep" (answers after `sleep` seconds, past the client's timeout); later requests get `reply(payload)`."""
+
+    def __init__(self, reply=lambda payload: "ok", script=(), reasoning=None, honour_n=True, sleep=1.0):
+        self.reply, self.script, self.reasoning, self.honour_n, self.sleep = reply, list(script), reasoning, honour_n, sleep
+        self.payloads, self.headers, self.lock = [], [], threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.payloads.append(payload)
+                    server.headers.append(dict(self.headers))
+                    action = server.script.pop(0) if server.script else None
+                if action == "sleep":
+                    time.sleep(server.sleep)
+                if isinstance(action, int):
+                    return self.send(action, {"error": {"message": f"scripted {action}"}})
+                n = payload.get("n", 1) if server.honour_n else 1
+                message = {"role": "assistant", "content": server.reply(payload)}
+                if server.reasoning:
+                    message["reasoning_content"] = server.reasoning
+                self.send(200, {"object": "chat.completion", "model": payload["model"],
+                                "choices": [{"index": i, "message": message, "finish_reason": "stop"}
+                                            for i in range(n)]})
+
+            def send(self, code, body):
+                data = json.dumps(body).encode()
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(**kw):
+        servers.append(ChatServer(**kw))
+        return servers[-1]
+    yield start
+    for s in servers:
+        s.close()
+
+
+def openai(url, **kw):
+    return vlm.make_backend("openai", "teacher", base_url=url, **{"backoff": 0.01, "timeout": 5, **kw})
+
+
+def user_text(payload):
+    content = payload["messages"][-1]["content"]
+    return content if isinstance(content, str) else next(c["text"] for c in content if c["type"] == "text")
+
+
+# ----------------------------------------------------------------------------------------------------
+# openai backend
+
+
+def test_openai_sends_the_image_as_a_data_url_with_the_system_prompt_and_sampling(serve, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    server = serve(reply=lambda p: "a red square")
+    gen = openai(server.url)
+    out = gen([{"prompt": "Describe.", "image": solid_image(28), "system": "Be brief."},
+               {"prompt": "Just text.", "image": None, "system": None}], max_new_tokens=7, temperature=0.5, seed=3)
+    assert out == [["a red square"], ["a red square"]]
+    first = next(p for p in server.payloads if p["messages"][0]["role"] == "system")
+    assert first["model"] == "teacher" and first["max_tokens"] == 7 and first["temperature"] == 0.5
+    assert first["seed"] == 3 and "n" not in first  # n only when more than one is wanted
+    assert first["messages"][0] == {"role": "system", "content": "Be brief."}
+    image, text = first["messages"][1]["content"]
+    assert text == {"type": "text", "text": "Describe."}
+    url = image["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,")
+    from PIL import Image
+    assert Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size == (28, 28)
+    second = next(p for p in server.payloads if p["messages"][0]["role"] == "user")
+    assert second["messages"] == [{"role": "user", "content": "Just text."}]  # plain string: text-only APIs
+    assert server.headers[0]["Authorization"] == "Bearer sk-test"
+
+
+def test_openai_retries_5xx_and_429_then_succeeds(serve):
+    server = serve(script=[500, 429, 503])
+    assert openai(server.url)([{"prompt": "hi", "image": None}]) == [["ok"]]
+    assert len(server.payloads) == 4
+
+
+def test_openai_gives_up_after_its_retries_and_says_why(serve):
+    server = serve(script=[500] * 10)
+    with pytest.raises(RuntimeError, match=r"3 attempts failed.*HTTP 500.*scripted 500"):
+        openai(server.url, retries=2)([{"prompt": "hi", "image": None}])
+    assert len(server.payloads) == 3
+
+
+def test_openai_does_not_retry_a_bad_request(serve):
+    server = serve(script=[400])
+    with pytest.raises(RuntimeError, match=r"HTTP 400: .*scripted 400"):
+        openai(server.url)([{"prompt": "hi", "image": None}])
+    assert len(server.payloads) == 1
+
+
+def test_openai_times_out_a_slow_reply_and_retries(serve):
+    server = serve(script=["sleep"], sleep=2.0)
+    start = time.perf_counter()
+    assert openai(server.url, timeout=0.3)([{"prompt": "hi", "image": None}]) == [["ok"]]
+    assert time.perf_counter() - start < 1.5 and len(server.payloads) == 2
+
+
+def test_openai_spreads_requests_over_servers_and_survives_a_dead_one(serve):
+    a, b = serve(reply=lambda p: "a"), serve(reply=lambda p: "b")
+    out = openai(f"{a.url},{b.url}", concurrency=4)([{"prompt": str(i), "image": None} for i in range(8)])
+    assert sorted(x[0] for x in out) == ["a"] * 4 + ["b"] * 4 and len(a.payloads) == len(b.payloads) == 4
+
+    dead = serve()
+    dead.close()  # a node that went down: its requests fail over to the next server
+    out = openai([dead.url, a.url], concurrency=2)([{"prompt": str(i), "image": None} for i in range(4)])
+    assert out == [["a"]] * 4
+
+
+def test_openai_puts_reasoning_content_back_in_think_tags(serve):
+    server = serve(reply=lambda p: "The answer is 3.", reasoning="Two plus one is three.")
+    assert openai(server.url)([{"prompt": "1+2?", "image": None}]) == \
+        [["<think>Two plus one is three.</think>The answer is 3."]]
+
+
+def test_openai_asks_again_when_the_server_ignores_n(serve):
+    honest, lazy = serve(), serve(honour_n=False)
+    assert openai(honest.url)([{"prompt": "hi", "image": None}], n=4) == [["ok"] * 4]
+    assert len(honest.payloads) == 1 and honest.payloads[0]["n"] == 4
+    assert openai(lazy.url)([{"prompt": "hi", "image": None}], n=3, seed=10) == [["ok"] * 3]
+    assert [p.get("n") for p in lazy.payloads] == [3, 2, None]
+    assert [p["seed"] for p in lazy.payloads] == [10, 11, 12]  # new seeds: not three copies of one sample
+
+
+def test_caption_and_distill_stages_through_the_openai_backend(serve, tmp_path):
+    toy.make_data(str(tmp_path / "data"), 6, test_n=0, seed=0)
+    captioner = serve(reply=lambda p: "A flat image with a red square.")
+    reasoner = serve(reply=lambda p: "\n\nThe answer is A.", reasoning="The square is red, option A.")
+    common = ["--backend", "openai", "--model", "teacher", "--batch-size", "4"]
+    caption.main(["--in", str(tmp_path / "data" / "train.jsonl"), "--out", str(tmp_path / "c.jsonl"),
+                  "--base-url", captioner.url] + common)
+    distill.main(["--in", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "d.jsonl"),
+                  "--base-url", reasoner.url] + common)
+
+    rows = [r for _, r in vlm.read_jsonl(str(tmp_path / "d.jsonl"))]
+    assert len(rows) == 6 and all(r["caption"] == "A flat image with a red square." for r in rows)
+    assert all(r["reasoning"] == "<think>The square is red, option A.</think>\n\nThe answer is A." for r in rows)
+    assert all(p["messages"][0]["content"][0]["type"] == "image_url" for p in captioner.payloads)
+    # the reasoner never sees the image, only the caption; requests run concurrently, in any order
+    prompts = sorted(user_text(p) for p in reasoner.payloads)
+    assert prompts == sorted(distill.distill_prompt(r) for r in rows)
+    assert all(p.endswith(f"\n\nCaption:\nA flat image with a red square.\n\nQuestion:\n{r['question']}")
+               for p, r in zip(prompts, sorted(rows, key=distill.distill_prompt)))
+    assert reasoner.payloads[0]["temperature"] == 0.6 and reasoner.payloads[0]["messages"][0]["role"] == "user"
+
+
+# ----------------------------------------------------------------------------------------------------
+# vllm backend
+
+
+def test_vllm_requests_hold_one_image_placeholder_and_the_image(tiny):
+    _, tok, _ = tiny
+    image = solid_image(56)
+    with_image, text_only = vlm._vllm_requests(tok, [{"prompt": "What colour?", "image": image},
+                                                     {"prompt": "2+2?", "image": None, "system": None}])
+    ids = with_image["prompt_token_ids"]
+    assert ids.count(tok.image_token_id) == 1  # vLLM expands it to the image's size itself
+    assert with_image["multi_modal_data"] == {"image": image}
+    text = tok.decode(ids)
+    assert text.startswith(f"<|im_start|>system\n{vlm.SYSTEM_PROMPT}<|im_end|>")
+    assert text.endswith("<|vision_start|><|image_pad|><|vision_end|>What colour?<|im_end|>\n<|im_start|>assistant\n")
+    assert "multi_modal_data" not in text_only
+    assert tok.decode(text_only["prompt_token_ids"]).endswith("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_vllm_backend_builds_one_engine_and_blocks_vision_tokens(tiny, tiny_model_dir, monkeypatch):
+    """The backend end to end, with a stand-in vllm module (the real one needs a GPU)."""
+    seen = {}
+
+    class LLM:
+        def __init__(self, **kw):
+            seen["engine"] = kw
+
+        def generate(self, prompts, params, use_tqdm=True):
+            seen["prompts"], seen["params"] = prompts, params
+            one = lambda i: types.SimpleNamespace(text=f"sample {i}")
+            return [types.SimpleNamespace(outputs=[one(i) for i in range(params.n)]) for _ in prompts]
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    gen = vlm.make_backend("vllm", tiny_model_dir, tensor_parallel_size=8, max_model_len=4096, max_pixels=12845056)
+    out = gen([{"prompt": "What colour?", "image": solid_image(56)}] * 2, n=3, max_new_tokens=9, temperature=0.7,
+              seed=1)
+    assert out == [["sample 0", "sample 1", "sample 2"]] * 2
+    engine, params = seen["engine"], seen["params"]
+    assert engine["model"] == tiny_model_dir and engine["tensor_parallel_size"] == 8 and engine["max_model_len"] == 4096
+    assert engine["limit_mm_per_prompt"] == {"image": 1, "video": 0}
+    assert engine["mm_processor_kwargs"] == {"max_pixels": 12845056}
+    assert (params.n, params.max_tokens, params.temperature, params.seed) == (3, 9, 0.7, 1)
+    _, tok, _ = tiny
+    vision = {tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                     "<|vision_end|>")}
+    assert set(params.logit_bias) == vision and set(params.logit_bias.values()) == {-100.0}

@@ -1,0 +1,704 @@
+"""The offline world: a tiny random Qwen2.5-VL, a synthetic visual-reasoning dataset, a toy teacher.
+
+No model or data set can be downloaded on a CPU box or in CI, yet every stage of the recipe must run
+(and learn) there. This file stands in for the hub:
+
+    python toy.py build-model runs/tiny [--size tiny|small]     # random Qwen2.5-VL, saved like a real one
+    python toy.py make-data runs/data --n 2000 --seed 0         # images/, train.jsonl, test.jsonl
+
+The model folder holds what `from_pretrained` expects of a real Qwen2.5-VL checkpoint (config,
+safetensors, a byte-level BPE tokenizer with Qwen's special tokens and chat template, the image
+processor), so every stage loads it with the same code that loads Qwen/Qwen2.5-VL-3B-Instruct.
+No GPU needed; it builds in well under a second.
+
+The data mirrors the paper's sources, one small task per verifier type (SPEC §1-2):
+
+    task          verifier  source          question (answer)
+    colour        mcq       toy-colour      What colour is the square? A. red B. green C. blue D. yellow  (A)
+    largest       mcq       toy-arxivqa     What colour is the largest shape? A. red ...                  (C)
+    count         digit     toy-clevr-math  How many objects are there?                                   (3)
+    remove        digit     toy-clevr-math  Remove all red objects. How many objects are left?            (2)
+    remove-shape  digit     toy-clevr-math  Remove all blue circles. How many objects are left?           (2)
+    box           iou       toy-grounding   Give the bounding box of the blue square.   ([0.25, 0.00, 0.75, 0.50])
+    sum, expr     math      toy-puma        What is the sum of the numbers in the image?                  (12)
+    shapes        open      toy-allava      What shapes are in the image?                     (circle, triangle)
+    read          open      toy-docvqa      What number is written in the image?                          (407)
+
+The defaults are what a tiny model learns on a CPU in minutes (../shared/notes/toy-learnability.md):
+112 px images, 1-4 objects, boxes on a quarter grid, options always in the order red, green, blue,
+yellow, and a mix weighted towards colour, box and counting. Harder variants are one flag away:
+`--shuffle-options`, `--max-objects 6`, `--grid 8`, `--size 168`, `--kinds count,remove-shape,expr,read`.
+Only the question, answer and choices go into a record; whatever knows the scene must read the pixels.
+
+The toy teacher plays the paper's models, as the `toy` backend of vlm.py
+(`--backend toy --model reasoner:error_rate=0.1,hesitation_rate=0.3`), so stages 01-03 run their
+real code offline: a captioner that reads the pixels back exactly, an R1-like reasoner that sees only
+caption and question (with dials for wrong steps and for hesitant "wait, let me double-check" loops),
+a rewriter and a Yes/No judge. In Python: `gen = make_teacher(*parse_teacher_spec("captioner"))`,
+then `gen([{"prompt": "...", "image": pil_image, "system": None}], n=1, seed=0) -> [["..."]]`.
+
+toy.py imports nothing of the project (DESIGN: vlm.py imports toy.py, never the reverse).
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# ----------------------------------------------------------------------------------------------------
+# Sizes and the tokenizer corpus
+
+# The VLAA-Thinker system prompt, verbatim (SPEC §4); vlm.py uses the same text.
+VLAA_SYSTEM_PROMPT = (
+    "You are VL-Thinking🤔, a helpful assistant with excellent reasoning ability. A user asks you a question, "
+    "and you should try to solve it. You should first think about the reasoning process in the mind and then "
+    "provides the user with the answer. The reasoning process and answer are enclosed within <think> </think> "
+    "and <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
+    "<answer> answer here </answer>"
+)
+
+SIZES = {
+    # measured in ../shared/notes/toy-learnability.md: "tiny" learns colour, boxes and counts in minutes on 2 cores
+    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, vision_hidden=32, vision_depth=2),
+    "small": dict(hidden=128, layers=4, heads=4, kv_heads=2, vision_hidden=64, vision_depth=2),
+}
+VOCAB_SIZE = 1024  # BPE stops early when the corpus runs out of merges
+IMAGE_MIN_PIXELS = 28 * 28 * 4  # a 56 px image -> 4 image tokens
+IMAGE_MAX_PIXELS = 28 * 28 * 16  # a 112 px image -> 16 image tokens: sequences stay short on a CPU
+SPECIAL_TOKENS = [  # listed first, so their ids are fixed (0..6), as in cpu-env.md §3
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2-VL / Qwen2.5-VL chat template (same layout as the real one: default system turn, one
+# <|image_pad|> per image that the processor expands to the image's token count).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tokenizer_corpus():
+    """Lines the BPE is trained on: what the tiny model reads and writes most should be few tokens."""
+    lines = [VLAA_SYSTEM_PROMPT, "You are a helpful assistant.", "system user assistant"]
+    lines += ["<think> </think> <answer> </answer>"] * 50
+    lines += world_corpus()
+    return lines
+
+
+# The values in a sentence (numbers, option letters, colours, shapes): the corpus is cut at them, so that
+# merges (which cross spaces, see build_tokenizer) make phrases into tokens but never glue an answer to a phrase.
+VALUE = re.compile(r"(\d+(?:\.\d+)?|\b[A-D]\b|(?i:red|green|blue|yellow|circle|square|triangle))")
+
+
+def world_corpus(n=200, seed=0):
+    """Questions and teacher traces of the toy world, so that what the model reads and writes is few tokens.
+
+    Drawn by the real generators and the real teacher (plain and hesitant traces), so the merges fit
+    the text exactly. Captions are left out: only the teacher reads them, never the tiny model."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        record, _, image = make_example(rng, rng.choice(list(TASKS)), World())
+        trace = reason(caption_image(image), record["question"], rng, error_rate=0.1, hesitation_rate=0.3,
+                       caption_mention_rate=0.0)
+        think, _, answer = trace.rpartition("</think>")
+        lines += [piece for piece in re.split(r"(\d+)", record["question"]) if piece]  # prompts: few tokens
+        lines += [piece for piece in VALUE.split(f"{think}</think> <answer>{answer.strip()}</answer>") if piece]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tiny model
+
+
+def build_tokenizer(corpus):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    # byte-level: any text encodes, no unknown token. use_regex=False lets merges cross word
+    # boundaries, so the 60-word system prompt becomes a handful of tokens instead of 60.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
+
+
+def build_model(out, size="tiny", seed=0):
+    """Write a random Qwen2.5-VL to `out`; returns the folder. No download, well under a second."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    s = SIZES[size]
+    tokenizer = build_tokenizer(tokenizer_corpus())
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    h = s["hidden"]
+    head_dim = h // s["heads"]
+    # M-RoPE splits head_dim/2 rotary pairs over (time, height, width); the sections must add up
+    mrope = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
+    mrope[0] += head_dim // 2 - sum(mrope)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=s["layers"],
+            num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=True),
+        vision_config=dict(
+            depth=s["vision_depth"], hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
+            num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=h,
+            window_size=56, fullatt_block_indexes=[s["vision_depth"] - 1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.do_sample = False
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS,
+                                               patch_size=14, merge_size=2, temporal_patch_size=2)
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The toy world: scenes drawn so that a program can read them back exactly
+
+# Shapes and colours as measured in notes/toy-learnability.md §2. Every object is drawn in one flat
+# colour (base colour plus a jitter, unique within the image, no anti-aliasing), so the captioner can
+# find each object as "all pixels of one colour" and nothing is ever ambiguous.
+BACKGROUND, INK = (245, 245, 245), (20, 20, 20)
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 40), "blue": (40, 70, 220), "yellow": (230, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+JITTER = 20
+CELL = 28  # one merged Qwen2.5-VL vision token covers 28x28 px: one object per cell, one cell per token
+
+
+@dataclass
+class World:
+    """The knobs of make-data (defaults: what a tiny model learns on a CPU in minutes)."""
+    size: int = 112  # image side in px (16 image tokens)
+    max_objects: int = 4  # count tasks draw 1..max_objects objects
+    grid: int = 4  # the box task's grid: boxes snap to quarters of the image
+    shuffle_options: bool = False  # mcq options in a random order instead of red, green, blue, yellow
+
+
+def cells(size):
+    """Cells per side and the cell size in px."""
+    n = max(2, size // CELL)
+    return n, size // n
+
+
+def in_cell(row, col, cell, margin, span=1):
+    """The (x0, y0, x1, y1) box (end exclusive) of an object drawn in a span x span block of cells."""
+    return col * cell + margin, row * cell + margin, (col + span) * cell - margin, (row + span) * cell - margin
+
+
+def scatter(rng, world, k):
+    """k objects in distinct random cells, each of a random colour and shape, 4 px inside its cell."""
+    n, cell = cells(world.size)
+    spots = rng.sample(range(n * n), min(k, n * n))
+    return [(rng.choice(list(COLOURS)), rng.choice(SHAPES), in_cell(s // n, s % n, cell, 4)) for s in spots]
+
+
+# A seven-segment font plus a vertical bar "h" for "+": each glyph is a set of bars at fixed places
+# on the image's middle line, so reading text back is looking at one pixel per bar.
+GLYPHS = {"0": "abcdef", "1": "bc", "2": "abdeg", "3": "abcdg", "4": "bcfg", "5": "acdfg", "6": "acdefg",
+          "7": "abc", "8": "abcdefg", "9": "abcdfg", "-": "g", "+": "gh", " ": ""}
+READ_GLYPH = {frozenset(bars): ch for ch, bars in GLYPHS.items()}
+
+
+def text_slots(size):
+    """The top-left corner of every character slot, and the bars of a glyph at (x, y)."""
+    h = size // 4
+    w, t = h // 2, max(2, h // 8)
+    n = (size - 8) // (w + 2 * t)
+    x0, y0 = (size - n * (w + 2 * t)) // 2 + t, (size - h) // 2
+
+    def bars(x, y):
+        m = y + h // 2
+        return {"a": (x, y, x + w, y + t), "b": (x + w - t, y, x + w, m), "c": (x + w - t, m, x + w, y + h),
+                "d": (x, y + h - t, x + w, y + h), "e": (x, m, x + t, y + h), "f": (x, y, x + t, m),
+                "g": (x, m - t // 2, x + w, m - t // 2 + t),
+                "h": (x + (w - t) // 2, y + h // 4, x + (w - t) // 2 + t, y + 3 * h // 4)}
+    return [(x0 + k * (w + 2 * t), y0) for k in range(n)], bars
+
+
+def draw_text(draw, text, size):
+    slots, bars = text_slots(size)
+    if len(text) > len(slots):
+        raise ValueError(f"text {text!r} does not fit a {size} px image ({len(slots)} characters)")
+    start = (len(slots) - len(text)) // 2  # centred on the middle line
+    for ch, (x, y) in zip(text, slots[start:]):
+        for bar in GLYPHS[ch]:
+            x0, y0, x1, y1 = bars(x, y)[bar]
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=INK)
+
+
+def draw_image(rng, size, objects=(), text=""):
+    """Paint the scene: flat objects with jittered colours (unique per object), then the text."""
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    used = set()
+    for colour, shape, (x0, y0, x1, y1) in objects:
+        rgb = None
+        while rgb is None or rgb in used:
+            rgb = tuple(v + rng.randint(-JITTER, JITTER) for v in COLOURS[colour])
+        used.add(rgb)
+        if shape == "circle":
+            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=rgb)  # PIL boxes include their last pixel
+        elif shape == "square":
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=rgb)
+        else:
+            draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=rgb)
+    draw_text(draw, text, size)
+    return image
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tasks: each draws a scene and asks one question about it
+
+
+def mcq(question, right, options, rng, world):
+    """Lettered options in the question text, the answer a letter (as in GeoQA and ArxivQA)."""
+    options = rng.sample(options, len(options)) if world.shuffle_options else list(options)
+    letters = "ABCD"[:len(options)]
+    text = " ".join(f"{letter}. {option}" for letter, option in zip(letters, options))
+    return {"question": f"{question} {text}", "answer": letters[options.index(right)], "choices": options}
+
+
+def task_colour(rng, world):
+    # one big solid square: the one-feature task GRPO learns from a format-only start (notes/grpo-toy.md §3)
+    colour, m = rng.choice(list(COLOURS)), world.size // 8
+    scene = {"objects": [(colour, "square", (m, m, world.size - m, world.size - m))]}
+    return mcq("What colour is the square?", colour, list(COLOURS), rng, world) | scene
+
+
+def task_largest(rng, world):
+    # notes/toy-learnability.md "mcqfixed": one shape on a 2x2 block of cells, 1-2 small ones elsewhere
+    n, cell = cells(world.size)
+    colours = rng.sample(list(COLOURS), rng.randint(2, 3))
+    r, c = rng.randrange(n - 1), rng.randrange(n - 1)
+    free = [s for s in range(n * n) if not (r <= s // n <= r + 1 and c <= s % n <= c + 1)]
+    objects = [(colours[0], rng.choice(SHAPES), in_cell(r, c, cell, 3, span=2))]
+    objects += [(colour, rng.choice(SHAPES), in_cell(s // n, s % n, cell, 7))
+                for colour, s in zip(colours[1:], rng.sample(free, min(len(free), len(colours) - 1)))]
+    return mcq("What colour is the largest shape?", colours[0], list(COLOURS), rng, world) | {"objects": objects}
+
+
+def task_count(rng, world):
+    objects = scatter(rng, world, rng.randint(1, world.max_objects))
+    return {"question": "How many objects are there?", "answer": str(len(objects)), "objects": objects}
+
+
+def task_remove(rng, world):
+    objects = scatter(rng, world, rng.randint(1, world.max_objects))
+    left = sum(colour != "red" for colour, _, _ in objects)
+    return {"question": "Remove all red objects. How many objects are left?", "answer": str(left), "objects": objects}
+
+
+def task_remove_shape(rng, world):
+    # CLEVR-Math style: the removed kind is one that is present, so the answer depends on colour and shape
+    objects = scatter(rng, world, rng.randint(1, world.max_objects))
+    colour, shape, _ = rng.choice(objects)
+    left = sum((c, s) != (colour, shape) for c, s, _ in objects)
+    return {"question": f"Remove all {colour} {shape}s. How many objects are left?", "answer": str(left),
+            "objects": objects}
+
+
+def box_text(box, size):
+    return "[" + ", ".join(f"{v / size:.2f}" for v in box) + "]"
+
+
+def task_box(rng, world):
+    # one square snapped to a world.grid x world.grid grid (quarters by default), 1 to grid/2 cells wide
+    side = rng.randint(1, max(1, world.grid // 2))
+    i, j = rng.randint(0, world.grid - side), rng.randint(0, world.grid - side)
+    box = tuple(round(v * world.size / world.grid) for v in (j, i, j + side, i + side))
+    colour = rng.choice(list(COLOURS))
+    return {"question": f"Give the bounding box of the {colour} square.", "answer": box_text(box, world.size),
+            "objects": [(colour, "square", box)]}
+
+
+def task_sum(rng, world):
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return {"question": "What is the sum of the numbers in the image?", "answer": str(a + b), "text": f"{a} {b}"}
+
+
+def task_expr(rng, world):
+    a, b, op = rng.randint(0, 9), rng.randint(0, 9), rng.choice("+-")
+    a, b = (b, a) if op == "-" and a < b else (a, b)
+    return {"question": "What is the value of the expression in the image?",
+            "answer": str(a + b if op == "+" else a - b), "text": f"{a}{op}{b}"}
+
+
+def task_shapes(rng, world):
+    objects = scatter(rng, world, rng.randint(1, min(3, world.max_objects)))
+    answer = ", ".join(s for s in SHAPES if any(shape == s for _, shape, _ in objects))
+    return {"question": "What shapes are in the image?", "answer": answer, "objects": objects}
+
+
+def task_read(rng, world):
+    number = str(rng.randint(10, 999))
+    return {"question": "What number is written in the image?", "answer": number, "text": number}
+
+
+TASKS = {  # name: (make, verifier_type, source)
+    "colour": (task_colour, "mcq", "toy-colour"),
+    "largest": (task_largest, "mcq", "toy-arxivqa"),
+    "count": (task_count, "digit", "toy-clevr-math"),
+    "remove": (task_remove, "digit", "toy-clevr-math"),
+    "remove-shape": (task_remove_shape, "digit", "toy-clevr-math"),
+    "box": (task_box, "iou", "toy-grounding"),
+    "sum": (task_sum, "math", "toy-puma"),
+    "expr": (task_expr, "math", "toy-puma"),
+    "shapes": (task_shapes, "open", "toy-allava"),
+    "read": (task_read, "open", "toy-docvqa"),
+}
+# favours what learns on a CPU (colour, box, counts) and keeps one of each other verifier type
+DEFAULT_MIX = "colour:2,box:2,count:2,remove:2,largest,sum,shapes"
+
+
+def parse_mix(text):
+    """'colour:2,count' -> {'colour': 2.0, 'count': 1.0}"""
+    mix = {}
+    for part in text.split(","):
+        name, _, weight = part.strip().partition(":")
+        if name not in TASKS:
+            raise ValueError(f"unknown task {name!r} in --kinds; known: {', '.join(TASKS)}")
+        mix[name] = float(weight or 1)
+    return mix
+
+
+def make_example(rng, task, world):
+    """(record without id and image path, scene, image). The scene (objects, text) stays out of the record."""
+    make, verifier_type, source = TASKS[task]
+    made = make(rng, world)
+    scene = {"objects": made.pop("objects", []), "text": made.pop("text", "")}
+    record = {"question": made["question"], "answer": made["answer"], "verifier_type": verifier_type}
+    if "choices" in made:
+        record["choices"] = made["choices"]
+    record |= {"source": source, "task": task}
+    return record, scene, draw_image(rng, world.size, **scene)
+
+
+def make_data(out, n, test_n=200, seed=0, kinds=DEFAULT_MIX, world=None):
+    """Write OUT/train.jsonl, OUT/test.jsonl and OUT/images/. The same arguments give the same bytes."""
+    world, mix = world or World(), parse_mix(kinds)
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    for split, count in (("train", n), ("test", test_n)):
+        with open(os.path.join(out, f"{split}.jsonl"), "w") as f:
+            for i in range(count):
+                rng = random.Random(f"{seed}:{split}:{i}")  # one stream per record: stable under any --n
+                record, _, image = make_example(rng, rng.choices(list(mix), list(mix.values()))[0], world)
+                path = f"images/{split}-{i:06d}.png"
+                image.save(os.path.join(out, path), compress_level=1)  # fast; flat images compress well anyway
+                f.write(json.dumps({"id": f"{split}-{i:06d}", "image": path} | record) + "\n")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The toy teacher: captioner (pixels -> caption), reasoner (caption + question -> R1-style trace),
+# rewriter and judge (03). Each role sees only what its model in the paper saw.
+
+
+def read_image(image):
+    """The scene as the pixels show it: objects (colour, shape, box, rgb) in reading order, and the text."""
+    a = np.asarray(image.convert("RGB"), dtype=np.int32)
+    key = a[..., 0] << 16 | a[..., 1] << 8 | a[..., 2]
+    objects = []
+    for k in np.unique(key):
+        rgb = (int(k) >> 16 & 255, int(k) >> 8 & 255, int(k) & 255)
+        if rgb in (BACKGROUND, INK):
+            continue
+        ys, xs = np.nonzero(key == k)  # one flat colour = one object
+        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        fill = len(xs) / ((box[2] - box[0]) * (box[3] - box[1]))  # square 1.0, circle ~0.78, triangle ~0.52
+        shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
+        colour = min(COLOURS, key=lambda c: sum((u - v) ** 2 for u, v in zip(COLOURS[c], rgb)))
+        objects.append((colour, shape, box, rgb))
+    slots, bars = text_slots(a.shape[0])
+    ink = key == (INK[0] << 16 | INK[1] << 8 | INK[2])
+    text = ""
+    for x, y in slots:  # one probe pixel per bar; "h" is probed above the middle bar it crosses
+        probes = {name: ((x0 + x1) // 2, (y0 + y1) // 2) for name, (x0, y0, x1, y1) in bars(x, y).items()}
+        probes["h"] = (probes["h"][0], bars(x, y)["h"][1] + 1)
+        text += READ_GLYPH.get(frozenset(b for b, (px, py) in probes.items() if ink[py, px]), "?")
+    return sorted(objects, key=lambda o: (o[2][1], o[2][0])), text.strip()
+
+
+def span(word, lo, hi, cell):
+    first, last = lo // cell + 1, (hi - 1) // cell + 1
+    return f"{word} {first}" if first == last else f"{word}s {first}-{last}"
+
+
+def describe(size, objects, text):
+    """A structured caption (paper: setting, objects with colour, shape and position, text verbatim)."""
+    n, cell = cells(size)
+    setting = (f"Setting: a flat synthetic image, {size} by {size} pixels, plain light grey background, "
+               f"a {n} by {n} grid of cells.")
+    lines = [setting, f"Objects ({len(objects)}):" if objects else "Objects: none."]
+    for colour, shape, (x0, y0, x1, y1), rgb in objects:  # the exact shade makes every caption its own
+        lines.append(f"- a {colour} {shape} (rgb {rgb[0]}, {rgb[1]}, {rgb[2]}) at {span('row', y0, y1, cell)}, "
+                     f"{span('column', x0, x1, cell)}, x {x0}-{x1}, y {y0}-{y1}")
+    lines.append(f'Text: "{text}"' if text else "Text: none.")
+    return "\n".join(lines)
+
+
+def caption_image(image):
+    return describe(image.size[0], *read_image(image))
+
+
+def parse_caption(caption):
+    """What the reasoner knows: image size, objects (colour, shape, box), text."""
+    size = re.search(r"(\d+) by \d+ pixels", caption)
+    size = int(size[1]) if size else World.size  # a caption from elsewhere: assume the default size
+    found = re.findall(r"- a (\w+) (\w+) .*x (\d+)-(\d+), y (\d+)-(\d+)", caption)
+    objects = [(c, s, (int(x0), int(y0), int(x1), int(y1))) for c, s, x0, x1, y0, y1 in found]
+    text = re.search(r'Text: "(.*)"', caption)
+    return size, objects, text[1] if text else ""
+
+
+def plural(word, k):
+    return word if k == 1 else word + "s"
+
+
+def nudge(value, rng, lo=0, hi=None):
+    """value +- 1 within [lo, hi]: the plausible slip of a miscount or an arithmetic step."""
+    steps = [d for d in (-1, 1) if lo <= value + d and (hi is None or value + d <= hi)]
+    return value + rng.choice(steps)
+
+
+def solve(question, size, objects, text, rng, wrong):
+    """(observation, conclusion, answer) for a question of the toy world. wrong: one step slips."""
+    area = lambda o: (o[2][2] - o[2][0]) * (o[2][3] - o[2][1])
+    if m := re.search(r"What colour is the (.+?)\?", question):
+        options = dict(re.findall(r"\b([A-D])\. (\w+)", question))
+        target = m[1].replace("largest ", "")
+        seen = [o for o in objects if target in ("shape", o[1])] or objects
+        colour = max(seen, key=area)[0] if seen else "red"
+        if wrong:  # misreads the colour
+            colour = rng.choice([c for c in options.values() if c != colour])
+        letter = {c: k for k, c in options.items()}.get(colour, "A")
+        return f"The image shows that the {m[1]} is {colour}.", f"{colour.capitalize()} is option {letter}.", letter
+    if m := re.search(r"Remove all (\w+) (\w+?)s?\. How many", question):
+        n = len(objects)
+        shape = None if m[2] == "object" else m[2]
+        r = sum(c == m[1] and shape in (None, s) for c, s, _ in objects)
+        if wrong:  # miscounts the removed ones
+            r = nudge(r, rng, 0, n)
+        what = f"{m[1]} {plural(shape, r)}" if shape else m[1]
+        return f"The image shows {n} {plural('object', n)}, {r} of them {what}.", f"{n} - {r} = {n - r}.", str(n - r)
+    if "How many objects" in question:
+        n = nudge(len(objects), rng) if wrong else len(objects)
+        return f"The image shows {n} {plural('object', n)}.", f"So there are {n}.", str(n)
+    if m := re.search(r"bounding box of the (\w+) (\w+)", question):
+        seen = [o for o in objects if o[:2] == (m[1], m[2])] or objects or [(m[1], m[2], (0, 0, size, size))]
+        x0, y0, x1, y1 = seen[0][2]
+        if wrong:  # places it one box-width off, along one axis
+            w, h = x1 - x0, y1 - y0
+            if rng.random() < 0.5:
+                x0, x1 = (x0 + w, x1 + w) if x1 + w <= size else (x0 - w, x1 - w)
+            else:
+                y0, y1 = (y0 + h, y1 + h) if y1 + h <= size else (y0 - h, y1 - h)
+        return (f"The image shows the {m[1]} {m[2]} at x {x0}-{x1}, y {y0}-{y1} of {size} pixels.",
+                f"Dividing by {size} gives the box.", box_text((x0, y0, x1, y1), size))
+    if "sum of the numbers" in question:
+        numbers = [int(t) for t in re.findall(r"\d+", text)] or [0]
+        if wrong:  # misreads one number
+            k = rng.randrange(len(numbers))
+            numbers[k] = nudge(numbers[k], rng, 0, 9)
+        return (f"The image shows the numbers {' and '.join(map(str, numbers))}.",
+                f"{' + '.join(map(str, numbers))} = {sum(numbers)}.", str(sum(numbers)))
+    if (m := re.fullmatch(r"(\d+)([+-])(\d+)", text)) and "expression" in question:
+        a, op, b = int(m[1]), m[2], int(m[3])
+        b = nudge(b, rng, 0, 9) if wrong else b
+        value = a + b if op == "+" else a - b
+        return f"The image shows {a}{op}{b}.", f"{a} {op} {b} = {value}.", str(value)
+    if "What shapes" in question:
+        kinds = [s for s in SHAPES if any(o[1] == s for o in objects)]
+        if wrong:  # overlooks one kind, or sees one that is not there
+            flip = rng.choice([s for s in SHAPES if s not in kinds] if len(kinds) < 2 else kinds)
+            kinds = [s for s in SHAPES if (s in kinds) != (s == flip)]
+        answer = ", ".join(kinds)
+        return f"The image shows these shapes: {answer}.", "", answer
+    if "number is written" in question:
+        digits = list(text or "0")
+        if wrong:  # misreads one digit
+            k = rng.randrange(len(digits))
+            digits[k] = str(nudge(int(digits[k]), rng, 0, 9))
+        return f"The image shows the number {''.join(digits)}.", "", "".join(digits)
+    return "The image does not show what is asked.", "", "unknown"
+
+
+MENTIONS = ["The caption says", "The description mentions"]
+RECHECKS = ["Wait, let me double-check.", "Hmm, let me look again.", "Let me check the image once more.",
+            "I should confirm this.", "Maybe I made a mistake, so let me look again.",
+            "Alternatively, let me go over it in another way."]
+
+
+def reason(caption, question, rng, error_rate, hesitation_rate, caption_mention_rate):
+    """An R1-like trace from text only: `<think> observation conclusion </think> answer`.
+
+    error_rate: a step slips and the answer is wrong. hesitation_rate: re-checking loops with the paper's
+    aha words (the long, hesitant "pseudo reasoning"); otherwise no aha word appears at all.
+    caption_mention_rate: says "the caption says" instead of speaking as if it saw the image (03 rewrites it)."""
+    size, objects, text = parse_caption(caption)
+    wrong, mention, hesitant = (rng.random() < p for p in (error_rate, caption_mention_rate, hesitation_rate))
+    seen, conclusion, answer = solve(question, size, objects, text, rng, wrong)
+    if mention:
+        seen = seen.replace("The image shows", rng.choice(MENTIONS), 1)
+    steps = [seen]
+    for _ in range(rng.randint(1, 3) if hesitant else 0):
+        steps += [rng.choice(RECHECKS), seen]
+    return "<think> " + " ".join(steps + [conclusion]).strip() + f" </think> {answer}"
+
+
+def rewrite(text):
+    """03's minimal edit: references to the caption/description/rationale become references to the image."""
+    def to_image(m):
+        return m[1] + " image" + (" shows" if m[3] else "")
+    return re.sub(r"\b(the) (caption|description|rationale)( says| mentions| states| shows)?", to_image, text,
+                  flags=re.IGNORECASE)
+
+
+def normalise(answer):
+    answer = re.sub(r"</?answer>", "", answer.rpartition("</think>")[2])
+    return " ".join(answer.split()).lower().rstrip(".").strip()
+
+
+def judge(prompt):
+    """03's verifier: Yes if the last 'Answer:' line matches the last 'Ground truth:' line, else No."""
+    gold, pred = (re.findall(rf"^{k}:(.*)$", prompt, re.MULTILINE) for k in ("Ground truth", "Answer"))
+    if not gold or not pred:
+        raise ValueError("the judge's prompt needs a 'Ground truth: ...' line and an 'Answer: ...' line")
+    return "Yes" if normalise(gold[-1]) == normalise(pred[-1]) else "No"
+
+
+TEACHER_ROLES = {  # role: its options and their defaults
+    "captioner": {},
+    "reasoner": {"error_rate": 0.1, "hesitation_rate": 0.3, "caption_mention_rate": 0.3},
+    "rewriter": {},
+    "judge": {},
+}
+
+
+def parse_teacher_spec(spec):
+    """'reasoner:error_rate=0.1,hesitation_rate=0.3' -> ('reasoner', {'error_rate': 0.1, 'hesitation_rate': 0.3})"""
+    role, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            options[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"toy teacher option {item!r} in {spec!r} is not key=number") from None
+    check_teacher(role.strip(), options)
+    return role.strip(), options
+
+
+def check_teacher(role, options):
+    if role not in TEACHER_ROLES:
+        raise ValueError(f"unknown toy teacher role {role!r}; known: {', '.join(TEACHER_ROLES)}")
+    for key, value in options.items():
+        if key not in TEACHER_ROLES[role]:
+            known = ", ".join(TEACHER_ROLES[role]) or "none"
+            raise ValueError(f"unknown option {key!r} for the toy {role}; known: {known}")
+        if not 0 <= value <= 1:
+            raise ValueError(f"toy {role} option {key}={value} must be a probability in [0, 1]")
+
+
+def after_last(prompt, marker):
+    if marker not in prompt:
+        raise ValueError(f"the toy teacher's prompt has no {marker.strip()!r} block")
+    return prompt.rpartition(marker)[2]
+
+
+def make_teacher(role, options=None, **more):
+    """gen(requests, n=1, seed=None, ...) -> n strings per request; a request is {"prompt", "image", "system"}.
+
+    The role comes from the spec only, never from the prompt. Deterministic given seed (and the prompt)."""
+    options = {**(options or {}), **more}
+    check_teacher(role, options)
+    settings = {**TEACHER_ROLES[role], **options}
+
+    def answer(request, rng):
+        prompt = request.get("prompt") or ""
+        if role == "captioner":
+            image = request.get("image")
+            if image is None:
+                raise ValueError("the toy captioner needs request['image'] (it reads only the pixels)")
+            return caption_image(Image.open(image) if isinstance(image, str) else image)
+        if role == "reasoner":
+            caption_and_question = after_last(prompt, "Caption:\n")
+            caption, _, question = caption_and_question.rpartition("Question:\n")
+            return reason(caption, question.strip(), rng, **settings)
+        if role == "rewriter":
+            return rewrite(after_last(prompt, "Text:\n"))
+        return judge(prompt)
+
+    def gen(requests, n=1, max_new_tokens=None, temperature=None, seed=None, **ignored):
+        return [[answer(r, random.Random(f"{seed}|{k}|{r.get('prompt')}")) for k in range(n)] for r in requests]
+    return gen
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build-model", help="write a random Qwen2.5-VL (tokenizer, image processor) to OUT")
+    b.add_argument("out", help="output folder")
+    b.add_argument("--size", choices=sorted(SIZES), default="tiny", help="tiny (~0.2M params) or small (~0.9M)")
+    b.add_argument("--seed", type=int, default=0, help="weight init seed")
+    d = sub.add_parser("make-data", help="write OUT/images/, OUT/train.jsonl and OUT/test.jsonl")
+    d.add_argument("out", help="output folder")
+    d.add_argument("--n", type=int, default=2000, help="training records (default 2000)")
+    d.add_argument("--test-n", type=int, default=200, help="test records (default 200)")
+    d.add_argument("--seed", type=int, default=0, help="data seed: the same seed writes the same bytes")
+    d.add_argument("--kinds", default=DEFAULT_MIX,
+                   help=f"tasks with optional weights, from: {', '.join(TASKS)} (default {DEFAULT_MIX})")
+    d.add_argument("--size", type=int, default=112, help="image side in px (default 112: 16 image tokens)")
+    d.add_argument("--max-objects", type=int, default=4, help="count tasks draw 1..N objects (default 4)")
+    d.add_argument("--grid", type=int, default=4, help="the box task's grid per side (default 4: quarters)")
+    d.add_argument("--shuffle-options", action="store_true", help="mcq options in random order (default fixed)")
+    args = p.parse_args(argv)
+    if args.cmd == "build-model":
+        build_model(args.out, args.size, args.seed)
+        print(f"wrote a random Qwen2.5-VL ({args.size}) to {args.out}")
+    else:
+        world = World(args.size, args.max_objects, args.grid, args.shuffle_options)
+        make_data(args.out, args.n, args.test_n, args.seed, args.kinds, world)
+        print(f"wrote {args.n} train and {args.test_n} test records to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

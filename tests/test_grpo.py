@@ -204,13 +204,14 @@ def format_only_sft(model_dir, data_path, out, steps):
             r["response"] = f"<think> </think> <answer>{rng.choice('ABCD')}</answer>"
             f.write(json.dumps(r) + "\n")
     sft.main(["--model", model_dir, "--data", sft_path, "--out", str(out), "--global-batch", "32",
-              "--micro-batch", "32", "--lr", "2e-3", "--warmup-ratio", "0", "--max-steps", str(steps)])
+              "--micro-batch", "32", "--lr", "2e-3", "--min-lr", "2e-3", "--warmup-ratio", "0",
+              "--max-steps", str(steps)])
     return os.path.join(str(out), "model")
 
 
 @pytest.mark.slow
 def test_grpo_learns_the_colour_question_from_a_format_only_start(tmp_path, tiny_model_dir, colour_data):
-    start = format_only_sft(tiny_model_dir, colour_data, tmp_path / "sft", steps=60)
+    start = format_only_sft(tiny_model_dir, colour_data, tmp_path / "sft", steps=100)
     out = tmp_path / "grpo"
     args = grpo_args(start, colour_data, out, "--max-steps", 150, "--kl-coef", 0)
     args[args.index("--rollout-batch") + 1] = "8"

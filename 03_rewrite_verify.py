@@ -271,7 +271,8 @@ def main(argv=None):
         judge = rewriter if args.judge_model == args.rewriter_model else vlm.backend_from_args(args, args.judge_model)
     stats = vlm.run_stage(args.inp, os.path.join(args.out, "all.jsonl"), need=("id", "question", "answer", "reasoning"),
                           batch_size=args.batch_size, limit=args.limit, skip_bad=args.skip_bad, desc="rewrite+verify",
-                          prepare=check_gold, process=lambda recs: process_batch(recs, args, rewriter, judge, aha_words))
+                          prepare=check_gold,
+                          process=lambda recs: process_batch(recs, args, rewriter, judge, aha_words))
     summary = split_and_summarize(args.out, aha_words, len(stats["bad"]))
     print_summary(summary)
     print(f"03_rewrite_verify: {summary['sft']} sft + {summary['rl']} rl of {summary['total']} -> {args.out}")

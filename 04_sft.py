@@ -210,14 +210,8 @@ def main(argv=None):
         if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             vlm.save_checkpoint(args.out, step + 1, model, optimizer, {"samples_seen": rec["samples_seen"]}, rank)
 
-    vlm.save_checkpoint(args.out, total_steps, model, optimizer, {"samples_seen": total_steps * args.global_batch},
-                        rank)
-    out = vlm.export_hf(model, tokenizer, image_processor, os.path.join(args.out, "model"), rank,
-                        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if master:
-        print(f"saved {out}")
-    if world > 1:
-        dist.destroy_process_group()
+    vlm.finish_training(args.out, total_steps, model, optimizer, {"samples_seen": total_steps * args.global_batch},
+                        tokenizer, image_processor, env)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ p.add_argument("--loss-agg", default="token", choices=["token", "seq"],
                help="token: mean over all tokens (DAPO); seq: mean per sequence, then over sequences (GRPO)")
 p.add_argument("--drop-uniform-groups", action="store_true",
                help="leave out groups whose rewards are all equal (DAPO's dynamic sampling, without resampling)")
+p.add_argument("--verifier-types", default="digit,mcq,math,iou,open",
+               help="train only on samples of these types (the paper's reward ablation: drop one, Table 5)")
 p.add_argument("--format-weight", type=float, default=0.0, help="weight of the strict format term (paper: 0)")
 p.add_argument("--reward-model", default=None, help="HF reward model for `open` samples (paper: "
                "internlm/internlm-xcomposer2d5-7b-reward); without it, open samples are dropped")
@@ -99,8 +101,9 @@ p.add_argument("--seed", type=int, default=0)
 # Data: RL records, each prompt encoded (its image processed) once
 
 
-def load_rl_records(path, fmt, image_root, has_rm, master):
+def load_rl_records(path, fmt, image_root, types, has_rm, master):
     records = vlm.load_records(path, fmt, image_root, need=("question", "answer", "verifier_type"))
+    records = [r for r in records if r["verifier_type"] in types]
     kept = [r for r in records if r["verifier_type"] != "open" or has_rm]
     if master and len(kept) < len(records):  # DESIGN: dropped with a count, never scored 0
         print(f"dropped {len(records) - len(kept)} `open` samples: they need --reward-model")
@@ -266,12 +269,11 @@ def adaptive_kl_coef(coef, kl, target, n_samples, horizon):
 def image_features(model, prompts):
     """The vision tower on each prompt's image once (no grad): reused by the reference, old and policy
     forwards of all G completions while the tower is frozen, instead of G x 3 runs."""
-    pixel_values = torch.cat([e["pixel_values"] for e in prompts]).to(model.device)
-    grid = torch.cat([e["image_grid_thw"] for e in prompts]).to(model.device)
-    with torch.no_grad():
-        out = model.model.visual(pixel_values.to(model.dtype), grid_thw=grid)
-    sizes = (grid.prod(-1) // model.config.vision_config.spatial_merge_size ** 2).tolist()
-    return list(torch.split(out.pooler_output, sizes))  # one [tokens, hidden] per prompt
+    pixel_values = torch.cat([e["pixel_values"] for e in prompts]).to(model.device)  # [patches, 1176]
+    grid = torch.cat([e["image_grid_thw"] for e in prompts]).to(model.device)  # [P, 3]
+    with torch.no_grad(), vlm.autocast(model.device):
+        out = model.get_image_features(pixel_values, image_grid_thw=grid, return_dict=True)
+    return list(out.pooler_output)  # one [image tokens, hidden] per prompt
 
 
 def sequence_batch(prompts, rows, group_size, comp, comp_mask, pad_id, features=None):
@@ -285,7 +287,8 @@ def sequence_batch(prompts, rows, group_size, comp, comp_mask, pad_id, features=
     batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(c, dtype=torch.int)], 1)
     if features is not None:
         del batch["pixel_values"]
-        batch["mm_encoder_outputs"] = {"image": SimpleNamespace(pooler_output=[features[r // group_size] for r in rows])}
+        per_row = [features[r // group_size] for r in rows]
+        batch["mm_encoder_outputs"] = {"image": SimpleNamespace(pooler_output=per_row)}
     return batch, P
 
 
@@ -367,13 +370,14 @@ def main(argv=None):
     if use_ref:  # a frozen copy of the start model; on the CPU between uses with --ref-offload
         ref_device = torch.device("cpu") if args.ref_offload else device
         ref = vlm.shard_model(vlm.load_model(args.model, "float32", ref_device)[0].eval().requires_grad_(False),
-                              device, world)
+                              device, world, cpu_offload=args.ref_offload)
     pad_id, vision_ids = tokenizer.pad_token_id, vlm.vision_token_ids(model.config)
     rm = rewards.RewardModel.from_pretrained(args.reward_model, device=str(device), offload=True,
                                              trust_remote_code=args.trust_remote_code) if args.reward_model else None
 
     system = None if args.no_system_prompt else vlm.SYSTEM_PROMPT
-    records = load_rl_records(args.data, args.fmt, args.image_root, rm is not None, master)
+    types = [vlm.normalize_verifier(t, "--verifier-types") for t in args.verifier_types.split(",")]
+    records = load_rl_records(args.data, args.fmt, args.image_root, types, rm is not None, master)
     if len(records) < args.rollout_batch:
         raise SystemExit(f"{args.data}: {len(records)} usable prompts, fewer than --rollout-batch {args.rollout_batch}")
     encode = prompt_encoder(tokenizer, image_processor, system)
@@ -398,7 +402,8 @@ def main(argv=None):
     for step in tqdm(range(start, total_steps), disable=not master, desc="grpo", initial=start, total=total_steps):
         lr = vlm.cosine_lr(step, total_steps, args.lr, warmup, args.min_lr)
         vlm.set_lr(optimizer, lr)
-        step_records = [records[i] for i in vlm.step_indices(step, len(records), args.rollout_batch, args.seed)[rank::world]]
+        chosen = vlm.step_indices(step, len(records), args.rollout_batch, args.seed)[rank::world]
+        step_records = [records[i] for i in chosen]
         samples = [r for r in step_records for _ in range(args.group_size)]  # one per completion row
         prompts = [encode(r) for r in step_records]
 
@@ -432,11 +437,12 @@ def main(argv=None):
         ref_logp = None
         if use_ref:
             ref_features = None if args.train_vision else features
-            if args.ref_offload:
+            swap = args.ref_offload and world == 1  # sharded, FSDP2's CPU offload moves the shards itself
+            if swap:
                 ref.to(device)
             ref_logp = forward_rows(ref, prompts, all_micro, args.group_size, comp, comp_mask, args, pad_id,
                                     vision_ids, ref_features)
-            if args.ref_offload:
+            if swap:
                 ref.to("cpu")
         off_policy = args.ppo_epochs > 1 or len(minibatches) > 1  # later updates see an older policy
         old_logp = forward_rows(model, prompts, all_micro, args.group_size, comp, comp_mask, args, pad_id,
@@ -506,13 +512,7 @@ def main(argv=None):
         if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             vlm.save_checkpoint(args.out, step + 1, model, optimizer, {"kl_coef": kl_coef}, rank)
 
-    vlm.save_checkpoint(args.out, total_steps, model, optimizer, {"kl_coef": kl_coef}, rank)
-    out = vlm.export_hf(model, tokenizer, image_processor, os.path.join(args.out, "model"), rank,
-                        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if master:
-        print(f"saved {out}")
-    if world > 1:
-        dist.destroy_process_group()
+    vlm.finish_training(args.out, total_steps, model, optimizer, {"kl_coef": kl_coef}, tokenizer, image_processor, env)
 
 
 if __name__ == "__main__":

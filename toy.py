@@ -79,7 +79,8 @@ SPECIAL_TOKENS = [  # listed first, so their ids are fixed (0..6), as in cpu-env
 # <|image_pad|> per image that the processor expands to the image's token count).
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
@@ -527,8 +528,9 @@ def solve(question, size, objects, text, rng, wrong):
                 x0, x1 = (x0 + w, x1 + w) if x1 + w <= size else (x0 - w, x1 - w)
             else:
                 y0, y1 = (y0 + h, y1 + h) if y1 + h <= size else (y0 - h, y1 - h)
-        return (f"The image shows the {m[1]} {m[2]} at x {x0}-{x1}, y {y0}-{y1} of {size} pixels.",
-                f"Dividing by {size} gives the box.", box_text((x0, y0, x1, y1), size))
+        # fractions of the side, not pixels: the answer is then a copy, a trace a tiny model can learn
+        return (f"The image shows the {m[1]} {m[2]} from x {x0 / size:.2f} to {x1 / size:.2f} "
+                f"and y {y0 / size:.2f} to {y1 / size:.2f}.", "That is the box.", box_text((x0, y0, x1, y1), size))
     if "sum of the numbers" in question:
         numbers = [int(t) for t in re.findall(r"\d+", text)] or [0]
         if wrong:  # misreads one number

@@ -760,26 +760,30 @@ def freeze_vision_tower(model, freeze=True):
         p.requires_grad_(not freeze)
 
 
-def shard_model(model, device, world):
+def shard_model(model, device, world, cpu_offload=False):
     """FSDP2 under torchrun: one unit per decoder layer, the vision tower as its own unit, then the root.
 
     The vision tower must be its own unit: generate() calls it directly, outside the root's hooks
     (cpu-env.md §5). With one process the model is returned as is. On GPU, parameters are
-    all-gathered in bf16 and gradients reduced in fp32, over fp32 master weights.
+    all-gathered in bf16 and gradients reduced in fp32, over fp32 master weights. cpu_offload keeps
+    the shards in CPU memory (for a frozen reference model).
     """
     if world == 1:
         return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                        register_fsdp_forward_method)
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
         else MixedPrecisionPolicy()
+    kw = dict(mp_policy=mp, offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
     for layer in model.model.language_model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model.model.visual, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    # generate() is not forward(): without this, its first direct call into the vision tower would
-    # initialise that unit as a root of its own and break the real root's initialisation
-    register_fsdp_forward_method(model, "generate")
+        fully_shard(layer, **kw)
+    fully_shard(model.model.visual, **kw)
+    fully_shard(model, **kw)
+    # generate() and get_image_features() are not forward(): registered, they run the root's hooks
+    # first; otherwise their direct call into the vision tower would initialise it as a root of its own
+    for method in ("generate", "get_image_features"):
+        register_fsdp_forward_method(model, method)
     return model
 
 
@@ -892,3 +896,18 @@ def export_hf(model, tokenizer, image_processor, out, rank=0, dtype=None):
     tokenizer.save_pretrained(out)
     image_processor.save_pretrained(out)
     return out
+
+
+def finish_training(out, step, model, optimizer, extra, tokenizer, image_processor, env):
+    """The end of 04 and 05: a last checkpoint, the Hugging Face export (bf16 from a GPU run), and the
+    process group closed. Returns the model folder on rank 0."""
+    import torch.distributed as dist
+
+    save_checkpoint(out, step, model, optimizer, extra, env["rank"])
+    dtype = torch.bfloat16 if env["device"].type == "cuda" else torch.float32
+    folder = export_hf(model, tokenizer, image_processor, os.path.join(out, "model"), env["rank"], dtype)
+    if env["master"]:
+        print(f"saved {folder}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return folder

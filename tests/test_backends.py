@@ -35,7 +35,8 @@ class ChatServer:
     "sleep" (answers after `sleep` seconds, past the client's timeout); later requests get `reply(payload)`."""
 
     def __init__(self, reply=lambda payload: "ok", script=(), reasoning=None, honour_n=True, sleep=1.0):
-        self.reply, self.script, self.reasoning, self.honour_n, self.sleep = reply, list(script), reasoning, honour_n, sleep
+        self.reply, self.script, self.reasoning = reply, list(script), reasoning
+        self.honour_n, self.sleep = honour_n, sleep
         self.payloads, self.headers, self.lock = [], [], threading.Lock()
         server = self
 
@@ -219,7 +220,8 @@ def test_vllm_requests_hold_one_image_placeholder_and_the_image(tiny):
     assert text.startswith(f"<|im_start|>system\n{vlm.SYSTEM_PROMPT}<|im_end|>")
     assert text.endswith("<|vision_start|><|image_pad|><|vision_end|>What colour?<|im_end|>\n<|im_start|>assistant\n")
     assert "multi_modal_data" not in text_only
-    assert tok.decode(text_only["prompt_token_ids"]).endswith("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.decode(text_only["prompt_token_ids"]).endswith(
+        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_vllm_backend_builds_one_engine_and_blocks_vision_tokens(tiny, tiny_model_dir, monkeypatch):

@@ -72,7 +72,8 @@ def test_chain_writes_every_field_and_the_counts_add_up(tmp_path, captioned):
         assert json.load(f) == summary
 
     for r in all_rows:  # every field of every stage, and an image path that still resolves from final/
-        assert {"id", "question", "answer", "caption", "reasoning", "response", "verified", "aha", "drop_reason"} <= set(r)
+        fields = {"id", "question", "answer", "caption", "reasoning", "response", "verified", "aha", "drop_reason"}
+        assert fields <= set(r)
         assert os.path.exists(os.path.join(tmp_path / "final", r["image"]))
     for r in sft + rl:
         assert r["drop_reason"] is None and r["verified"] is True

@@ -99,7 +99,8 @@ def test_released_records_load_and_too_long_samples_are_counted_not_cut(tmp_path
     _, tok, ip = tiny
     solid_image(56).save(tmp_path / "a.png")
     short = {"image": "a.png", "question": "Colour?", "answer": "<think>red</think><answer>red</answer>"}
-    long = {"image": "a.png", "question": "Colour?", "answer": "<think>" + "very long " * 200 + "</think><answer>red</answer>"}
+    long = {"image": "a.png", "question": "Colour?",
+            "answer": "<think>" + "very long " * 200 + "</think><answer>red</answer>"}
     path = tmp_path / "VLAA-Thinking-SFT-126K.json"
     path.write_text(json.dumps(short) + "\n" + json.dumps(long) + "\n")
     records = vlm.load_records(str(path), need=("question", "response"))
@@ -130,3 +131,35 @@ def test_data_position_is_the_step(step):
     assert idx == vlm.step_indices(step, 10, 4, seed=0)
     epoch_steps = [vlm.step_indices(s, 10, 4, seed=0) for s in (2 * (step // 2), 2 * (step // 2) + 1)]
     assert not set(epoch_steps[0]) & set(epoch_steps[1])  # no repeat within an epoch
+
+
+def toy_accuracy(model_dir, records, max_new_tokens=48):
+    """Greedy answers on toy test records, scored like 06_eval's toy benchmark (iou: IoU >= 0.5)."""
+    import rewards
+
+    gen = vlm.make_backend("hf", model_dir, device="cpu", batch_size=64)
+    outs = gen([{"prompt": r["question"], "image": vlm.load_image(r["image"])} for r in records],
+               max_new_tokens=max_new_tokens, temperature=0.0)
+    return sum(rewards.mixed_reward(o[0], r) >= 0.5 for o, r in zip(outs, records)) / len(records)
+
+
+@pytest.mark.slow
+def test_sft_on_teacher_traces_learns_the_learnable_kinds(tmp_path, tiny_model_dir):
+    import toy
+
+    caption, distill, verify = (importlib.import_module(m) for m in ("01_caption", "02_distill", "03_rewrite_verify"))
+    data = tmp_path / "data"
+    toy.make_data(str(data), n=1500, test_n=150, seed=0, kinds="colour,box,count")  # what a tiny model learns
+    caption.main(["--in", str(data / "train.jsonl"), "--out", str(tmp_path / "cap.jsonl"), "--backend", "toy",
+                  "--model", "captioner"])
+    distill.main(["--in", str(tmp_path / "cap.jsonl"), "--out", str(tmp_path / "dist.jsonl"), "--backend", "toy",
+                  "--model", "reasoner:error_rate=0,hesitation_rate=0"])
+    verify.main(["--in", str(tmp_path / "dist.jsonl"), "--out", str(tmp_path / "final")])
+    test = vlm.load_records(str(data / "test.jsonl"))
+    before = toy_accuracy(tiny_model_dir, test)
+    sft.main(["--model", tiny_model_dir, "--data", str(tmp_path / "final" / "sft.jsonl"), "--out",
+              str(tmp_path / "sft"), "--global-batch", "32", "--micro-batch", "32", "--lr", "2e-3", "--min-lr", "2e-3",
+              "--warmup-ratio", "0", "--max-steps", "500", "--save-every", "100000"])
+    after = toy_accuracy(str(tmp_path / "sft" / "model"), test)
+    print(f"toy test accuracy (colour, box, count): {before:.2f} -> {after:.2f}")
+    assert before < 0.1 and after >= 0.6

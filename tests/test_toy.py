@@ -126,8 +126,8 @@ def test_a_plain_trace_speaks_as_if_it_saw_the_image():
     questions = ["Remove all red objects. How many objects are left?", "Give the bounding box of the blue square."]
     out = reasoner([{"prompt": distill_prompt(CAPTION, q), "image": None, "system": None} for q in questions])
     assert out == [["<think> The image shows 2 objects, 1 of them red. 2 - 1 = 1. </think> 1"],
-                   [("<think> The image shows the blue square at x 56-112, y 56-112 of 112 pixels. "
-                     "Dividing by 112 gives the box. </think> [0.50, 0.50, 1.00, 1.00]")]]
+                   [("<think> The image shows the blue square from x 0.50 to 1.00 and y 0.50 to 1.00. "
+                     "That is the box. </think> [0.50, 0.50, 1.00, 1.00]")]]
 
 
 def reason_all(n, **options):

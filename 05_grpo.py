@@ -110,15 +110,21 @@ def load_rl_records(path, fmt, image_root, types, has_rm, master):
     return kept
 
 
-def prompt_encoder(tokenizer, image_processor, system):
-    """record -> encoded prompt; cached, because each record is prompted every episode and the image
-    processor was measured at 19-25% of a tiny step (notes/toy-learnability.md)."""
+def prompt_encoder(model, tokenizer, image_processor, system):
+    """record -> encoded prompt with its M-RoPE positions; cached, because each record is prompted every
+    episode, and the image processor (19-25% of a tiny step, notes/toy-learnability.md) and transformers'
+    position code (a Python loop per row) need to run only once per prompt."""
     cache = {}
 
     def encode(r):
         if r["id"] not in cache:
-            cache[r["id"]] = vlm.encode_example(tokenizer, image_processor, r["question"],
-                                                vlm.load_image(r["image"], r["id"]), system=system)
+            ex = vlm.encode_example(tokenizer, image_processor, r["question"], vlm.load_image(r["image"], r["id"]),
+                                    system=system)
+            ids = ex["input_ids"][None]  # [1, L]
+            image_tokens = (ids == tokenizer.image_token_id).int()
+            ex["positions"] = model.model.get_rope_index(  # [3, L]: (time, height, width) per token
+                ids, mm_token_type_ids=image_tokens, image_grid_thw=ex["image_grid_thw"])[0][:, 0]
+            cache[r["id"]] = ex
         return cache[r["id"]]
 
     return encode
@@ -128,9 +134,14 @@ def prompt_encoder(tokenizer, image_processor, system):
 # Rollouts: HF generate, or one colocated vLLM engine per rank
 
 
-def rollout_hf(model, prompts, group_size, args, pad_id):
-    """Sample G completions per prompt with the current policy -> (ids [P*G, T], mask [P*G, T])."""
+def rollout_hf(model, prompts, group_size, args, pad_id, features=None):
+    """Sample G completions per prompt with the current policy -> (ids [P*G, T], mask [P*G, T]).
+    With precomputed vision features, the vision tower does not run again on G copies of each image."""
     batch = vlm.repeat_batch(vlm.collate(prompts, pad_id), group_size)  # rows p*G .. p*G+G-1: prompt p
+    if features is not None:
+        del batch["pixel_values"]
+        batch["mm_encoder_outputs"] = {"image": SimpleNamespace(
+            pooler_output=[f for f in features for _ in range(group_size)])}
     model.eval()
     comp, mask = vlm.sample_completions(model, vlm.to_device(batch, model.device), args.max_new_tokens,
                                         args.temperature, args.top_p, pad_id=pad_id)
@@ -278,13 +289,23 @@ def image_features(model, prompts):
 
 def sequence_batch(prompts, rows, group_size, comp, comp_mask, pad_id, features=None):
     """Model inputs for completion rows: [left pad | prompt | completion | right pad], with the images
-    as pixels or as precomputed vision features. Returns (batch, prompt width)."""
-    batch = vlm.collate([prompts[r // group_size] for r in rows], pad_id)
+    as pixels or as precomputed vision features, and M-RoPE positions from the prompts' cached ones: a
+    completion's tokens continue from its prompt's largest position, on all three axes, as generate()
+    numbers them. Padding gets position 0, as in transformers. Returns (batch, prompt width)."""
+    examples = [prompts[r // group_size] for r in rows]
+    batch = vlm.collate(examples, pad_id)
     P = batch["input_ids"].shape[1]
     c, m = comp[rows], comp_mask[rows]  # [b, T]
-    batch["input_ids"] = torch.cat([batch["input_ids"], c], 1)
+    batch["input_ids"] = torch.cat([batch["input_ids"], c], 1)  # [b, P+T]
     batch["attention_mask"] = torch.cat([batch["attention_mask"], m], 1)
     batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(c, dtype=torch.int)], 1)
+    pos = torch.zeros(3, len(rows), P + c.shape[1], dtype=torch.long)  # [3, b, P+T]
+    steps = torch.arange(1, c.shape[1] + 1)  # [T]
+    for i, e in enumerate(examples):
+        n = e["positions"].shape[1]
+        pos[:, i, P - n:P] = e["positions"]
+        pos[:, i, P:] = (e["positions"].max() + steps) * m[i]
+    batch["position_ids"] = pos
     if features is not None:
         del batch["pixel_values"]
         per_row = [features[r // group_size] for r in rows]
@@ -311,15 +332,14 @@ def token_logprobs(model, batch, P, comp, temperature, vision_ids, with_entropy=
     return logp, entropy
 
 
-def forward_rows(model, prompts, rows_list, group_size, comp, comp_mask, args, pad_id, vision_ids, features):
-    """No-grad log-probs for several micro-batches (reference or old policy) -> [N, T] on the CPU."""
+def forward_rows(model, batches, comp, temperature, vision_ids):
+    """No-grad log-probs over micro-batches {rows: (batch, P)} (reference or old policy) -> [N, T] on the CPU."""
     out = torch.zeros(comp.shape)
     with torch.no_grad():
-        for rows in rows_list:
-            b, P = sequence_batch(prompts, rows, group_size, comp, comp_mask, pad_id, features)
+        for rows, (b, P) in batches.items():
             with vlm.autocast(model.device):
-                lp, _ = token_logprobs(model, b, P, comp[rows], args.temperature, vision_ids)
-            out[rows] = lp.float().cpu()
+                lp, _ = token_logprobs(model, b, P, comp[list(rows)], temperature, vision_ids)
+            out[list(rows)] = lp.float().cpu()
     return out
 
 
@@ -380,7 +400,7 @@ def main(argv=None):
     records = load_rl_records(args.data, args.fmt, args.image_root, types, rm is not None, master)
     if len(records) < args.rollout_batch:
         raise SystemExit(f"{args.data}: {len(records)} usable prompts, fewer than --rollout-batch {args.rollout_batch}")
-    encode = prompt_encoder(tokenizer, image_processor, system)
+    encode = prompt_encoder(model, tokenizer, image_processor, system)
     total_steps = args.max_steps or max(1, int(args.episodes * (len(records) // args.rollout_batch)))
     warmup = int(args.warmup_ratio * total_steps)
 
@@ -407,13 +427,15 @@ def main(argv=None):
         samples = [r for r in step_records for _ in range(args.group_size)]  # one per completion row
         prompts = [encode(r) for r in step_records]
 
-        # 1. rollouts
+        # 1. rollouts; while the vision tower is frozen, its features are computed once per prompt here and
+        # reused by generate and by the reference, old and policy forwards of all G completions
         t0 = time.perf_counter()
+        features = None if args.train_vision else image_features(model, prompts)
         if llm is not None:
             push_weights_to_vllm(llm, model, skip_vision=not args.train_vision)
             comp, comp_mask = rollout_vllm(llm, step_records, args.group_size, args, tokenizer, system, vision_ids)
         else:
-            comp, comp_mask = rollout_hf(model, prompts, args.group_size, args, pad_id)
+            comp, comp_mask = rollout_hf(model, prompts, args.group_size, args, pad_id, features)
         comp, comp_mask = comp.cpu(), comp_mask.cpu()  # [N, T], N = P_rank * G
         texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
         t1 = time.perf_counter()
@@ -428,25 +450,22 @@ def main(argv=None):
             keep = (rw.view(-1, args.group_size).std(1) > 0).float().repeat_interleave(args.group_size)
         t2 = time.perf_counter()
 
-        # 3. reference and old log-probs (no grad), vision features computed once per prompt
-        features = None if args.train_vision else image_features(model, prompts)
+        # 3. micro-batches, built once; reference and old log-probs (no grad)
         order = torch.randperm(len(rw)).tolist()  # mini-batches mix prompts
         minibatches = [order[i:i + train_rows] for i in range(0, len(order), train_rows)]
-        micro = lambda rows: [rows[i:i + args.micro_batch] for i in range(0, len(rows), args.micro_batch)]  # noqa: E731
-        all_micro = [m for mb in minibatches for m in micro(mb)]
+        micro = lambda rows: [tuple(rows[i:i + args.micro_batch]) for i in range(0, len(rows), args.micro_batch)]  # noqa: E731
+        batches = {rows: sequence_batch(prompts, list(rows), args.group_size, comp, comp_mask, pad_id, features)
+                   for mb in minibatches for rows in micro(mb)}
         ref_logp = None
         if use_ref:
-            ref_features = None if args.train_vision else features
             swap = args.ref_offload and world == 1  # sharded, FSDP2's CPU offload moves the shards itself
             if swap:
                 ref.to(device)
-            ref_logp = forward_rows(ref, prompts, all_micro, args.group_size, comp, comp_mask, args, pad_id,
-                                    vision_ids, ref_features)
+            ref_logp = forward_rows(ref, batches, comp, args.temperature, vision_ids)
             if swap:
                 ref.to("cpu")
         off_policy = args.ppo_epochs > 1 or len(minibatches) > 1  # later updates see an older policy
-        old_logp = forward_rows(model, prompts, all_micro, args.group_size, comp, comp_mask, args, pad_id,
-                                vision_ids, features) if off_policy else None
+        old_logp = forward_rows(model, batches, comp, args.temperature, vision_ids) if off_policy else None
 
         # 4. policy updates
         step_stats, ent_sum, ent_n = [], 0.0, 0.0
@@ -459,10 +478,11 @@ def main(argv=None):
                     dist.all_reduce(norm)  # the global count: every micro-batch on every rank adds up
                 norm = norm.clamp(min=1)
                 chunks = micro(mb)
-                for i, rows in enumerate(chunks):
+                for i, key in enumerate(chunks):
                     if hasattr(model, "set_requires_gradient_sync"):
                         model.set_requires_gradient_sync(i == len(chunks) - 1)
-                    b, P = sequence_batch(prompts, rows, args.group_size, comp, comp_mask, pad_id, features)
+                    b, P = batches[key]
+                    rows = list(key)
                     with vlm.autocast(device):
                         logp, ent = token_logprobs(model, b, P, comp[rows], args.temperature, vision_ids,
                                                    with_entropy=True)

@@ -313,7 +313,7 @@ def repeat_batch(batch, n):
 
 def to_device(batch, device, dtype=None):
     """Move a batch; pixel_values take the model's dtype (bf16 on GPU)."""
-    out = {k: v.to(device) for k, v in batch.items()}
+    out = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     if dtype is not None and "pixel_values" in out:
         out["pixel_values"] = out["pixel_values"].to(dtype)
     return out
@@ -770,8 +770,13 @@ def shard_model(model, device, world, cpu_offload=False):
     """
     if world == 1:
         return model
-    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
-                                        register_fsdp_forward_method)
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
         else MixedPrecisionPolicy()

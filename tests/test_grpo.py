@@ -120,11 +120,14 @@ def test_vllm_weight_names_keep_hf_v5_names_and_drop_wrappers():
 
 
 @pytest.mark.parametrize("reuse_vision", [False, True])
-def test_recomputed_logprobs_equal_the_sampling_distribution(tiny, reuse_vision):
+def test_recomputed_logprobs_equal_the_sampling_distribution(tiny, reuse_vision, tmp_path):
     """Left padding, three image sizes, temperature: the loss's log-probs are the sampler's (1e-5)."""
     model, tok, ip = tiny
     qs = ["What colour is the square?", "hi", "What colour is the big red square? A. red"]
-    prompts = [vlm.encode_example(tok, ip, q, solid_image(s)) for q, s in zip(qs, (56, 112, 84))]
+    encode = grpo.prompt_encoder(model, tok, ip, vlm.SYSTEM_PROMPT)
+    for q, s in zip(qs, (56, 112, 84)):
+        solid_image(s).save(tmp_path / f"{s}.png")
+    prompts = [encode({"id": q, "question": q, "image": str(tmp_path / f"{s}.png")}) for q, s in zip(qs, (56, 112, 84))]
     G, T = 2, 1.3
     batch = vlm.repeat_batch(vlm.collate(prompts, tok.pad_token_id), G)
     torch.manual_seed(0)
@@ -225,3 +228,16 @@ def test_grpo_learns_the_colour_question_from_a_format_only_start(tmp_path, tiny
     print(f"colour GRPO: mean reward {first:.3f} (steps 1-25) -> {last:.3f} (steps 126-150)")
     assert metrics[0]["no_answer_share"] < 0.5  # the format start writes <answer> blocks
     assert last - first >= 0.3
+
+
+def test_rollout_with_precomputed_vision_features_samples_the_same(tiny):
+    """generate() fed the vision features once per prompt == generate() running the tower on G copies."""
+    model, tok, ip = tiny
+    prompts = [vlm.encode_example(tok, ip, q, solid_image(s)) for q, s in (("a?", 56), ("bb?", 112))]
+    args = type("A", (), {"max_new_tokens": 10, "temperature": 1.0, "top_p": 1.0})
+    torch.manual_seed(0)
+    with_pixels = grpo.rollout_hf(model, prompts, 3, args, tok.pad_token_id)
+    torch.manual_seed(0)
+    with_features = grpo.rollout_hf(model, prompts, 3, args, tok.pad_token_id, grpo.image_features(model, prompts))
+    model.eval()
+    assert torch.equal(with_pixels[0], with_features[0]) and torch.equal(with_pixels[1], with_features[1])

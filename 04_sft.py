@@ -56,7 +56,7 @@ p.add_argument("--train-vision", action="store_true", help="also train the visio
 p.add_argument("--activation-checkpointing", action="store_true", help="recompute activations to save memory")
 p.add_argument("--save-every", type=int, default=500, help="write a resumable checkpoint every N steps")
 p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-p.add_argument("--cache-size", type=int, default=20000,
+p.add_argument("--cache-size", type=int, default=2000,
                help="keep up to N encoded samples (image processed once) in memory; 0 = encode every time")
 p.add_argument("--seed", type=int, default=0)
 

@@ -94,6 +94,8 @@ p.add_argument("--ref-offload", action="store_true", help="keep the reference mo
 p.add_argument("--save-every", type=int, default=50, help="resumable checkpoint every N steps")
 p.add_argument("--log-rollouts-every", type=int, default=10, help="write sampled rollouts every N steps")
 p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+p.add_argument("--cache-size", type=int, default=2000, help="keep up to N encoded prompts (pixels and positions) "
+               "in memory for later episodes; 0 = encode every time")
 p.add_argument("--seed", type=int, default=0)
 
 
@@ -110,22 +112,24 @@ def load_rl_records(path, fmt, image_root, types, has_rm, master):
     return kept
 
 
-def prompt_encoder(model, tokenizer, image_processor, system):
-    """record -> encoded prompt with its M-RoPE positions; cached, because each record is prompted every
-    episode, and the image processor (19-25% of a tiny step, notes/toy-learnability.md) and transformers'
-    position code (a Python loop per row) need to run only once per prompt."""
+def prompt_encoder(model, tokenizer, image_processor, system, cache_size=2000):
+    """record -> encoded prompt with its M-RoPE positions, for all G completions of a step at once, and
+    cached (up to cache_size prompts) for later episodes: the image processor (19-25% of a tiny step,
+    notes/toy-learnability.md) and transformers' position code (a Python loop) then run once per prompt."""
     cache = {}
 
     def encode(r):
-        if r["id"] not in cache:
-            ex = vlm.encode_example(tokenizer, image_processor, r["question"], vlm.load_image(r["image"], r["id"]),
-                                    system=system)
-            ids = ex["input_ids"][None]  # [1, L]
-            image_tokens = (ids == tokenizer.image_token_id).int()
-            ex["positions"] = model.model.get_rope_index(  # [3, L]: (time, height, width) per token
-                ids, mm_token_type_ids=image_tokens, image_grid_thw=ex["image_grid_thw"])[0][:, 0]
+        if r["id"] in cache:
+            return cache[r["id"]]
+        ex = vlm.encode_example(tokenizer, image_processor, r["question"], vlm.load_image(r["image"], r["id"]),
+                                system=system)
+        ids = ex["input_ids"][None]  # [1, L]
+        image_tokens = (ids == tokenizer.image_token_id).int()
+        ex["positions"] = model.model.get_rope_index(  # [3, L]: (time, height, width) per token
+            ids, mm_token_type_ids=image_tokens, image_grid_thw=ex["image_grid_thw"])[0][:, 0]
+        if len(cache) < cache_size:
             cache[r["id"]] = ex
-        return cache[r["id"]]
+        return ex
 
     return encode
 
@@ -400,7 +404,7 @@ def main(argv=None):
     records = load_rl_records(args.data, args.fmt, args.image_root, types, rm is not None, master)
     if len(records) < args.rollout_batch:
         raise SystemExit(f"{args.data}: {len(records)} usable prompts, fewer than --rollout-batch {args.rollout_batch}")
-    encode = prompt_encoder(model, tokenizer, image_processor, system)
+    encode = prompt_encoder(model, tokenizer, image_processor, system, args.cache_size)
     total_steps = args.max_steps or max(1, int(args.episodes * (len(records) // args.rollout_batch)))
     warmup = int(args.warmup_ratio * total_steps)
 

@@ -158,8 +158,7 @@ def build_model(out, size="tiny", seed=0):
     h = s["hidden"]
     head_dim = h // s["heads"]
     # M-RoPE splits head_dim/2 rotary pairs over (time, height, width); the sections must add up
-    mrope = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
-    mrope[0] += head_dim // 2 - sum(mrope)
+    mrope = [head_dim // 2 - 2 * (3 * head_dim // 16), 3 * head_dim // 16, 3 * head_dim // 16]
     config = Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=len(tokenizer), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=s["layers"],
@@ -182,9 +181,8 @@ def build_model(out, size="tiny", seed=0):
     image_processor = Qwen2VLImageProcessorPil(min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS,
                                                patch_size=14, merge_size=2, temporal_patch_size=2)
     os.makedirs(out, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    image_processor.save_pretrained(out)
+    for part in (model, tokenizer, image_processor):  # what from_pretrained of a real checkpoint reads
+        part.save_pretrained(out)
     return out
 
 

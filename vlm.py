@@ -414,9 +414,9 @@ def _hf_backend(model, batch_size=16, device=None, dtype="auto", min_pixels=None
         per_call = max(1, batch_size // n)  # prompts per generate call, each sampled n times
         for s in range(0, len(requests), per_call):
             chunk = requests[s:s + per_call]
-            batch = encode(tokenizer, image_processor, [r["prompt"] for r in chunk], [r.get("image") for r in chunk],
-                           system=chunk[0].get("system", SYSTEM_PROMPT))
-            batch = to_device(repeat_batch(batch, n), model.device, model.dtype)
+            examples = [encode_example(tokenizer, image_processor, r["prompt"], r.get("image"),
+                                       system=r.get("system", SYSTEM_PROMPT)) for r in chunk]  # each its own system
+            batch = to_device(repeat_batch(collate(examples, tokenizer.pad_token_id), n), model.device, model.dtype)
             comp, _ = sample_completions(model, batch, max_new_tokens, temperature, top_p,
                                          pad_id=tokenizer.pad_token_id)
             texts = tokenizer.batch_decode(comp, skip_special_tokens=True)

@@ -190,3 +190,16 @@ def test_has_aha_is_the_papers_substring_rule():
 def test_init_distributed_without_torchrun():
     d = vlm.init_distributed()
     assert (d["rank"], d["world"], d["master"]) == (0, 1, True) and d["device"].type == "cpu"
+
+
+def test_hf_backend_gives_each_request_its_own_system_prompt(tiny, monkeypatch):
+    _, tok, _ = tiny
+    seen = []
+    real = vlm.sample_completions
+    spy = lambda m, b, *a, **k: seen.append(b["input_ids"]) or real(m, b, *a, **k)  # the prompts generate sees
+    monkeypatch.setattr(vlm, "sample_completions", spy)
+    plain = {"prompt": "What colour is the square?", "image": solid_image(56), "system": None}
+    vlm.make_backend("hf", tiny)([plain, dict(plain, system=vlm.SYSTEM_PROMPT)], max_new_tokens=2)
+    rows = [tok.decode(r, skip_special_tokens=False) for r in seen[0]]
+    assert "You are a helpful assistant." in rows[0] and vlm.SYSTEM_PROMPT not in rows[0]
+    assert vlm.SYSTEM_PROMPT in rows[1]

@@ -26,9 +26,9 @@ Re-running the same command resumes: ids already in the output are skipped.
 
 import argparse
 
-import vlm
+from vlaa.datastage import add_generation_args, backend_from_args, run_stage, sampling_from_args
 
-# Our own wording of the paper's captioning instructions (App. A.1; SPEC §1 "Prompt gists").
+# Our own wording of the paper's captioning instructions (App. A.1).
 CAPTION_PROMPT = """Write a detailed, structured caption of this image for a reader who cannot see it \
 and must answer any question about it from your words alone.
 
@@ -55,15 +55,17 @@ def parse_args(argv=None):
                         "(default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="recaption records that already have a caption")
     p.add_argument("--prompt-file", default=None, help="a text file replacing the built-in captioning prompt")
-    vlm.add_generation_args(p, batch_size=32, max_new_tokens=1024, temperature=0.0)
+    add_generation_args(p, batch_size=32, max_new_tokens=1024, temperature=0.0)
     return p.parse_args(argv)
 
 
 def prepare(rec, where, overwrite):
-    """Load the image of a record that needs a caption; a missing or unreadable image names file:line and path."""
+    """(record, its image path) for a record that needs a caption, else (record, None). The image was checked
+    when the input was read; it is decoded only when its request is sent, so a batch of large images never
+    sits in memory at once."""
     if rec.get("caption") and not overwrite:
         return rec, None  # paper: ALLaVA's captions are reused, not redone
-    return rec, vlm.load_image(rec["image"], f"{where}: field 'image'")
+    return rec, rec["image"]
 
 
 def caption_batch(items, gen, prompt, sampling):
@@ -83,12 +85,12 @@ def main(argv=None):
     if args.prompt_file:
         with open(args.prompt_file, encoding="utf-8") as f:
             prompt = f.read().strip()
-    gen = vlm.backend_from_args(args, args.model)
-    sampling = vlm.sampling_from_args(args)
-    stats = vlm.run_stage(args.inp, args.out, need=("id", "image"), batch_size=args.batch_size, limit=args.limit,
-                          skip_bad=args.skip_bad, desc="caption",
-                          prepare=lambda rec, where: prepare(rec, where, args.overwrite),
-                          process=lambda items: caption_batch(items, gen, prompt, sampling))
+    gen = backend_from_args(args, args.model)
+    sampling = sampling_from_args(args)
+    stats = run_stage(args.inp, args.out, need=("id", "image"), batch_size=args.batch_size, limit=args.limit,
+                      skip_bad=args.skip_bad, desc="caption", check_images=True,
+                      prepare=lambda rec, where: prepare(rec, where, args.overwrite),
+                      process=lambda items: caption_batch(items, gen, prompt, sampling))
     print(f"01_caption: {stats['written']} captioned, {stats['done_before']} already done, "
           f"{len(stats['bad'])} bad -> {args.out}")
     return stats

@@ -29,9 +29,9 @@ Re-running the same command resumes.
 
 import argparse
 
-import vlm
+from vlaa.datastage import add_generation_args, backend_from_args, run_stage, sampling_from_args
 
-# Our own wording of the paper's "pretend you see the image" prompt (App. A.1; SPEC §1). The prompt
+# Our own wording of the paper's "pretend you see the image" prompt (App. A.1). The prompt
 # ends with the Caption and Question blocks, which is also where the toy reasoner reads them.
 DISTILL_PROMPT = """Below is a detailed description of an image, and then a question about that image. \
 Take the description as your own sight: reason and answer as if you were looking at the image yourself. \
@@ -64,7 +64,7 @@ def parse_args(argv=None):
                         "options, e.g. reasoner:error_rate=0.1,hesitation_rate=0.3 (default: %(default)s)")
     p.add_argument("--system", default=None, help="a system prompt for the reasoner (default: none, as R1 advises)")
     # DeepSeek's advice for R1: temperature 0.6, top-p 0.95, no system prompt; R1 thinks at length
-    vlm.add_generation_args(p, batch_size=64, max_new_tokens=8192, temperature=0.6, top_p=0.95)
+    add_generation_args(p, batch_size=64, max_new_tokens=8192, temperature=0.6, top_p=0.95)
     return p.parse_args(argv)
 
 
@@ -81,11 +81,11 @@ def distill_batch(records, gen, system, sampling):
 
 def main(argv=None):
     args = parse_args(argv)
-    gen = vlm.backend_from_args(args, args.model)
-    sampling = vlm.sampling_from_args(args)
-    stats = vlm.run_stage(args.inp, args.out, need=("id", "question", "caption"), batch_size=args.batch_size,
-                          limit=args.limit, skip_bad=args.skip_bad, desc="distill",
-                          process=lambda records: distill_batch(records, gen, args.system, sampling))
+    gen = backend_from_args(args, args.model)
+    sampling = sampling_from_args(args)
+    stats = run_stage(args.inp, args.out, need=("id", "question", "caption"), batch_size=args.batch_size,
+                      limit=args.limit, skip_bad=args.skip_bad, desc="distill",
+                      process=lambda records: distill_batch(records, gen, args.system, sampling))
     print(f"02_distill: {stats['written']} distilled, {stats['done_before']} already done, "
           f"{len(stats['bad'])} bad -> {args.out}")
     return stats

@@ -30,12 +30,13 @@ A record without `verifier_type` is judged like an `open` one.
 
 import argparse
 import collections
-import json
 import os
 import re
 
 import rewards
-import vlm
+from vlaa.datastage import add_generation_args, backend_from_args, run_stage, sampling_from_args
+from vlaa.jsonl import read_jsonl, write_json, write_jsonl
+from vlaa.records import AHA_WORDS, has_aha, normalize_verifier
 
 # Our own wording of the paper's minimal-edit rewrite prompt (App. Fig. 10); the text comes last.
 REWRITE_PROMPT = """Rewrite the text below with as few changes as possible. Wherever it refers to a caption, \
@@ -67,25 +68,15 @@ def parse_args(argv=None):
                         "are dropped as no_judge and counted)")
     p.add_argument("--max-word-change", type=int, default=15,
                    help="paper: drop a sample whose word count changes by more than this (default: %(default)s)")
-    p.add_argument("--aha-words", default=",".join(vlm.AHA_WORDS),
+    p.add_argument("--aha-words", default=",".join(AHA_WORDS),
                    help="comma list of aha keywords, substrings of the lower-cased response (default: the paper's)")
     p.add_argument("--judge-max-new-tokens", type=int, default=16, help="the judge's reply (default: %(default)s)")
-    vlm.add_generation_args(p, batch_size=64, max_new_tokens=8192, temperature=0.0)
+    add_generation_args(p, batch_size=64, max_new_tokens=8192, temperature=0.0)
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Parsing the teacher's output
-
-
-def _last_boxed(text):
-    """Content of the last \\boxed{...}, braces balanced; None if there is none."""
-    start, depth = text.rfind("\\boxed{"), 0
-    for j in range(start + len("\\boxed"), len(text) if start >= 0 else 0):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[start + len("\\boxed{"):j]
-    return None
 
 
 # "Answer: B", "**Final Answer:** B", "so the answer is 3."
@@ -100,7 +91,7 @@ def short_answer(text):
     """The final answer in what follows the thinking: an <answer> block, the last \\boxed{}, a line that
     announces the answer ("Answer: ...", "The answer is ..."), else the last line."""
     text = rewards.extract_answer(text) or text.strip()
-    boxed = _last_boxed(text)
+    boxed = rewards.last_boxed(text)
     if boxed is not None:
         return _clean(boxed)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -151,7 +142,7 @@ def rule_rewrite(text):
 
 def llm_rewrite(texts, rewriter, args):
     requests = [{"prompt": REWRITE_PROMPT.format(text=t), "image": None, "system": None} for t in texts]
-    return [out[0].strip() for out in rewriter(requests, n=1, **vlm.sampling_from_args(args))] if texts else []
+    return [out[0].strip() for out in rewriter(requests, n=1, **sampling_from_args(args))] if texts else []
 
 
 def word_change(old, new):
@@ -163,14 +154,10 @@ def word_change(old, new):
 # Step 5: verify
 
 
-def check_gold(rec, where):
-    """Normalise verifier_type and make sure rewards.py can read the ground truth, before any model call."""
-    rec["verifier_type"] = vlm.normalize_verifier(rec.get("verifier_type") or "open", f"{where}: field 'verifier_type'")
-    if rec["verifier_type"] != "open":
-        try:
-            rewards.mixed_reward(f"<answer>{rec['answer']}</answer>", rec)
-        except ValueError as e:
-            raise ValueError(f"{where}: field 'answer': {e}") from None
+def default_open(rec, where):
+    """A record without a verifier_type is judged like an `open` one. (Typed records had their gold answer
+    checked against their verifier when the input was read: a gold it could never match stops the stage.)"""
+    rec["verifier_type"] = normalize_verifier(rec.get("verifier_type") or "open", f"{where}: field 'verifier_type'")
     return rec
 
 
@@ -187,7 +174,9 @@ def llm_judge(pairs, judge, args):
 # One batch: rewrite, filter, verify, mark aha
 
 
-def process_batch(records, args, rewriter, judge, aha_words):
+def rewrite_verify_batch(records, args, rewriter, judge, aha_words):
+    """Steps 4 and 5 for a batch: rewrite (one call), drop lost answers and big rewrites, verify (rules,
+    then one judge call for the `open` ones), mark aha."""
     raw = [r["reasoning"] for r in records]
     todo = [i for i, t in enumerate(raw) if split_reasoning(t)[1]]  # no answer: not worth a rewrite
     new, has_answer = list(raw), set(todo)
@@ -203,13 +192,13 @@ def process_batch(records, args, rewriter, judge, aha_words):
             "word_change" if word_change(old, text) > args.max_word_change else None
         verified = None
         if drop is None and rec["verifier_type"] != "open":  # digit, mcq, math: 1; iou: IoU >= 0.5
-            verified = rewards.mixed_reward(response, rec) >= 0.5
+            verified = rewards.is_correct(rewards.mixed_reward(response, rec))
         elif drop is None and judge is None:
             drop = "no_judge"  # open answers need the judge: never a silent pass or fail
         elif drop is None:
             asks.append((len(out), answer))
         out.append(dict(rec, response=response, verified=verified, drop_reason=drop,
-                        aha=vlm.has_aha(response, aha_words) if response else None))
+                        aha=has_aha(response, aha_words) if response else None))
     if asks:
         for (i, _), yes in zip(asks, llm_judge([(out[i], a) for i, a in asks], judge, args)):
             out[i]["verified"] = yes
@@ -236,10 +225,10 @@ def counts(rows):
 
 def split_and_summarize(out_dir, aha_words, bad_skipped=0):
     """Rebuild sft.jsonl, rl.jsonl and summary.json from all.jsonl (which may span several resumed runs)."""
-    records = [r for _, r in vlm.read_jsonl(os.path.join(out_dir, "all.jsonl"))]
+    records = [r for _, r in read_jsonl(os.path.join(out_dir, "all.jsonl"))]
     kept = [r for r in records if r["drop_reason"] is None]
-    vlm.write_jsonl(os.path.join(out_dir, "sft.jsonl"), [r for r in kept if not r["aha"]])
-    vlm.write_jsonl(os.path.join(out_dir, "rl.jsonl"), [r for r in kept if r["aha"]])
+    write_jsonl(os.path.join(out_dir, "sft.jsonl"), [r for r in kept if not r["aha"]])
+    write_jsonl(os.path.join(out_dir, "rl.jsonl"), [r for r in kept if r["aha"]])
     summary = counts(records)
     for key in ("source", "verifier_type"):
         groups = collections.defaultdict(list)
@@ -247,8 +236,7 @@ def split_and_summarize(out_dir, aha_words, bad_skipped=0):
             groups[str(r.get(key) or "?")].append(r)
         summary[f"by_{key}"] = {k: counts(v) for k, v in sorted(groups.items())}
     summary |= {"aha_words": list(aha_words), "bad_records_skipped": bad_skipped}
-    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    write_json(os.path.join(out_dir, "summary.json"), summary)
     return summary
 
 
@@ -265,14 +253,14 @@ def print_summary(summary):
 def main(argv=None):
     args = parse_args(argv)
     aha_words = tuple(w.strip().lower() for w in args.aha_words.split(",") if w.strip())
-    rewriter = vlm.backend_from_args(args, args.rewriter_model) if args.rewriter_model else None
+    rewriter = backend_from_args(args, args.rewriter_model) if args.rewriter_model else None
     judge = None
     if args.judge_model:  # one engine when the same model rewrites and judges
-        judge = rewriter if args.judge_model == args.rewriter_model else vlm.backend_from_args(args, args.judge_model)
-    stats = vlm.run_stage(args.inp, os.path.join(args.out, "all.jsonl"), need=("id", "question", "answer", "reasoning"),
-                          batch_size=args.batch_size, limit=args.limit, skip_bad=args.skip_bad, desc="rewrite+verify",
-                          prepare=check_gold,
-                          process=lambda recs: process_batch(recs, args, rewriter, judge, aha_words))
+        judge = rewriter if args.judge_model == args.rewriter_model else backend_from_args(args, args.judge_model)
+    stats = run_stage(args.inp, os.path.join(args.out, "all.jsonl"), need=("id", "question", "answer", "reasoning"),
+                      batch_size=args.batch_size, limit=args.limit, skip_bad=args.skip_bad, desc="rewrite+verify",
+                      prepare=default_open,
+                      process=lambda recs: rewrite_verify_batch(recs, args, rewriter, judge, aha_words))
     summary = split_and_summarize(args.out, aha_words, len(stats["bad"]))
     print_summary(summary)
     print(f"03_rewrite_verify: {summary['sft']} sft + {summary['rl']} rl of {summary['total']} -> {args.out}")

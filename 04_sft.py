@@ -25,10 +25,11 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-import vlm
+from vlaa import checkpoints, training
+from vlaa.qwen import SYSTEM_PROMPT, collate, load_model, prompt_encoder, prompt_length, to_device
+from vlaa.records import load_records
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments
@@ -62,49 +63,16 @@ p.add_argument("--seed", type=int, default=0)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: drop what does not fit (never truncate through image tokens), then encode on demand
-
-
-def image_tokens(image_processor, path):
-    """How many image tokens an image becomes, from its size alone (no pixel decoding)."""
-    from PIL import Image
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-    with Image.open(path) as im:
-        w, h = im.size
-    factor = image_processor.patch_size * image_processor.merge_size
-    size = image_processor.size
-    rh, rw = smart_resize(h, w, factor=factor, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
-    return (rh // factor) * (rw // factor)
+# Data: drop what does not fit (never truncate through image tokens); encoding is vlaa.qwen.prompt_encoder
 
 
 def fitting_records(records, tokenizer, image_processor, max_length, system):
-    """Keep the records whose full sequence fits in max_length; return (kept, number dropped).
-    Lengths are exact (the same tokenisation as vlm.encode_example) without decoding any pixels."""
-    kept = []
-    for r in records:
-        prompt = vlm.chat_prompt(tokenizer, r["question"], image_tokens(image_processor, r["image"]), system)
-        n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + \
-            len(tokenizer(r["response"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"])
-        if n <= max_length:
-            kept.append(r)
+    """Keep the records whose full sequence fits in max_length; return (kept, number dropped). A sample is
+    never cut: a cut through its image tokens would break the model's input. Lengths are exact (the same
+    tokenisation as encoding) and read from the image headers, without decoding any pixels."""
+    kept = [r for r in records if prompt_length(tokenizer, image_processor, r["question"], r["image"],
+                                                r["response"], system) <= max_length]
     return kept, len(records) - len(kept)
-
-
-def encoder(tokenizer, image_processor, system, cache_size):
-    """record -> encoded example (vlm.encode_example), cached so each image is processed once."""
-    cache = {}
-
-    def encode(r):
-        if r["id"] in cache:
-            return cache[r["id"]]
-        ex = vlm.encode_example(tokenizer, image_processor, r["question"], vlm.load_image(r["image"], r["id"]),
-                                response=r["response"], system=system)
-        if len(cache) < cache_size:
-            cache[r["id"]] = ex
-        return ex
-
-    return encode
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -124,9 +92,27 @@ def token_loss_sum(model, batch):
 # Training
 
 
+def train_step(model, optimizer, params, batches, grad_clip, world, device):
+    """One optimizer step over this rank's micro-batches. The loss is normalised by the assistant tokens of
+    the whole GLOBAL batch, so any number of ranks and micro-batches gives the same gradient.
+    Returns (mean token loss over the global batch, gradient norm)."""
+    n_tokens = training.global_sum(sum((b["labels"][:, 1:] != -100).sum() for b in batches).to(device), world, device)
+    loss_sum = torch.zeros((), device=device)
+    for i, b in enumerate(batches):
+        training.gradient_sync(model, i == len(batches) - 1)
+        with training.autocast(device):
+            loss, _ = token_loss_sum(model, to_device(b, device))
+        (loss * world / n_tokens).backward()  # FSDP2 averages gradients over ranks: hence the * world
+        loss_sum += loss.detach()
+    grad_norm = training.clip_grad_norm(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(training.global_sum(loss_sum, world, device) / n_tokens), grad_norm
+
+
 def main(argv=None):
     args = p.parse_args(argv)
-    env = vlm.init_distributed()
+    env = training.init_distributed()
     rank, world, device, master = env["rank"], env["world"], env["device"], env["master"]
     if args.global_batch % world:
         raise SystemExit(f"--global-batch {args.global_batch} must be divisible by the number of ranks ({world})")
@@ -134,34 +120,33 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
 
     # model: fp32 master weights; bf16 compute on GPU (autocast, or FSDP2's policy when sharded)
-    model, tokenizer, image_processor = vlm.load_model(args.model, "float32", device, args.min_pixels,
-                                                       args.max_pixels)
-    vlm.freeze_vision_tower(model, not args.train_vision)
+    model, tokenizer, image_processor = load_model(args.model, "float32", device, args.min_pixels, args.max_pixels)
+    training.freeze_vision_tower(model, not args.train_vision)
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    model = vlm.shard_model(model, device, world)
+    model = training.shard_model(model, device, world)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
 
     # data
-    system = None if args.no_system_prompt else vlm.SYSTEM_PROMPT
-    records = vlm.load_records(args.data, args.fmt, args.image_root, need=("question", "response"))
+    system = None if args.no_system_prompt else SYSTEM_PROMPT
+    records = load_records(args.data, args.fmt, args.image_root, need=("question", "response"))
     records, n_dropped = fitting_records(records, tokenizer, image_processor, args.max_length, system)
     if len(records) < args.global_batch:
         raise SystemExit(f"{args.data}: only {len(records)} samples fit in --max-length {args.max_length}; "
                          f"need at least --global-batch {args.global_batch}")
     per_epoch = len(records) // args.global_batch
     total_steps = args.max_steps or max(1, math.floor(args.epochs * per_epoch))
-    encode = encoder(tokenizer, image_processor, system, args.cache_size)
+    encode = prompt_encoder(tokenizer, image_processor, system, args.cache_size, response=True)
     if master:
         print(f"{len(records)} samples, {n_dropped} dropped as longer than {args.max_length} tokens; "
               f"{total_steps} steps of {args.global_batch} on {world} rank(s)")
 
     start = 0
-    ckpt = vlm.latest_checkpoint(args.out) if args.resume else None
+    ckpt = checkpoints.latest_checkpoint(args.out) if args.resume else None
     if ckpt:
-        start = vlm.load_checkpoint(ckpt, model, optimizer, rank)["step"]
+        start = checkpoints.load_checkpoint(ckpt, model, optimizer, rank)["step"]
         if master:
             print(f"resumed from {ckpt} at step {start}")
     elif master and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
@@ -170,48 +155,29 @@ def main(argv=None):
     bar = tqdm(range(start, total_steps), disable=not master, desc="sft", initial=start, total=total_steps)
     for step in bar:
         t0 = time.perf_counter()
-        lr = vlm.cosine_lr(step, total_steps, args.lr, int(args.warmup_ratio * total_steps), args.min_lr)
-        vlm.set_lr(optimizer, lr)
-        # this rank's share of the global batch, then micro-batches
-        mine = vlm.step_indices(step, len(records), args.global_batch, args.seed)[rank::world]
-        micro = [mine[i:i + args.micro_batch] for i in range(0, len(mine), args.micro_batch)]
-        batches = [vlm.collate([encode(records[i]) for i in m], tokenizer.pad_token_id, label_examples=True)
-                   for m in micro]
-        # normalise by the assistant tokens of the whole global batch, so any number of ranks and
-        # micro-batches gives the same gradient (FSDP2 averages over ranks: hence the * world)
-        n_tokens = sum((b["labels"][:, 1:] != -100).sum() for b in batches).to(device)
-        if world > 1:
-            dist.all_reduce(n_tokens)
-        loss_sum = torch.zeros((), device=device)
-        for i, b in enumerate(batches):
-            if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce gradients on the last one only
-                model.set_requires_gradient_sync(i == len(batches) - 1)
-            with vlm.autocast(device):
-                loss, _ = token_loss_sum(model, vlm.to_device(b, device))
-            (loss * world / n_tokens).backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr = training.cosine_lr(step, total_steps, args.lr, int(args.warmup_ratio * total_steps), args.min_lr)
+        training.set_lr(optimizer, lr)
+        # this rank's share of the global batch, in micro-batches
+        mine = training.step_indices(step, len(records), args.global_batch, args.seed)[rank::world]
+        batches = [collate([encode(records[i]) for i in mine[k:k + args.micro_batch]], tokenizer.pad_token_id,
+                           label_examples=True) for k in range(0, len(mine), args.micro_batch)]
+        loss, grad_norm = train_step(model, optimizer, params, batches, args.grad_clip, world, device)
 
-        if world > 1:
-            dist.all_reduce(loss_sum)
         dt = time.perf_counter() - t0
-        seq_tokens = torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches), device=device)
-        if world > 1:
-            dist.all_reduce(seq_tokens)
-        rec = {"step": step + 1, "loss": (loss_sum / n_tokens).item(), "lr": lr, "grad_norm": float(grad_norm),
-               "tokens_per_s": seq_tokens.item() / dt, "samples_seen": (step + 1) * args.global_batch,
+        seq_tokens = training.global_sum(torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches),
+                                                      device=device), world, device)
+        rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+               "tokens_per_s": float(seq_tokens) / dt, "samples_seen": (step + 1) * args.global_batch,
                "dropped_too_long": n_dropped}
         if master:
-            vlm.log_metrics(os.path.join(args.out, "metrics.jsonl"), rec)
+            training.log_metrics(os.path.join(args.out, "metrics.jsonl"), rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
         if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            vlm.save_checkpoint(args.out, step + 1, model, optimizer, {"samples_seen": rec["samples_seen"]}, rank)
+            checkpoints.save_checkpoint(args.out, step + 1, model, optimizer, {"samples_seen": rec["samples_seen"]},
+                                        rank)
 
-    vlm.finish_training(args.out, total_steps, model, optimizer, {"samples_seen": total_steps * args.global_batch},
-                        tokenizer, image_processor, env)
+    checkpoints.finish_training(args.out, total_steps, model, optimizer,
+                                {"samples_seen": total_steps * args.global_batch}, tokenizer, image_processor, env)
 
 
 if __name__ == "__main__":

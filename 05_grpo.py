@@ -1,22 +1,23 @@
 """Stage 5: GRPO with the mixed perception + cognition reward, written out in plain PyTorch.
 
 The paper's main recipe (§4): start from an instruct model (or 04_sft.py's output, to measure how
-SFT hurts), and for each step: take P prompts (image + question), sample G completions each, score
-them with rewards.py (digit / multiple choice / math-verify / box IoU / reward model), normalise the
-rewards within each group into advantages, and take clipped policy-gradient steps with a KL term to
-a frozen reference model. One file, top to bottom: arguments, data, rollouts, the objective, the loop.
+SFT hurts), and for each step: take a batch of prompts (image + question), sample G completions each,
+score them with rewards.py (digit / multiple choice / math-verify / box IoU / reward model), normalise
+the rewards within each group into advantages, and take clipped policy-gradient steps with a KL term
+to a frozen reference model. Read top to bottom: arguments, the objective, log-probs for a VLM,
+rollouts, the loop. Plumbing (torchrun, FSDP2, checkpoints, the colocated vLLM engine) lives in vlaa/.
 
     # CPU, tiny model: a couple of minutes (rollouts by transformers generate, gloo)
-    python 05_grpo.py --model runs/sft/model --data runs/data/rl.jsonl --out runs/grpo \
-        --rollout-batch 8 --group-size 8 --train-batch 64 --max-new-tokens 48 --lr 1e-3 --temperature 1.0
+    python 05_grpo.py --model runs/sft/model --data runs/data/final/rl.jsonl --out runs/grpo \
+        --rollout-batch 8 --group-size 8 --train-batch 64 --max-new-tokens 48 --lr 3e-4 --temperature 1.0
     # one GPU, Qwen2.5-VL-3B on the released RL data, rollouts in a colocated vLLM engine
     python 05_grpo.py --model Qwen/Qwen2.5-VL-3B-Instruct --data VLAA-Thinking-GRPO-25K.json \
         --image-root /data/vlaa/images --out runs/grpo-3b --rollout vllm --micro-batch 4
     # 8 GPUs (FSDP2 + NCCL, one vLLM engine per rank); several nodes: torchrun's --nnodes/--rdzv-endpoint
     torchrun --nproc_per_node 8 05_grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --data ... --rollout vllm
 
-Defaults are the paper's (SPEC §3): G=4, temperature 0.8, rollout batch 512 prompts, train batch 256
-completions (8 optimizer updates per rollout), 1 episode, cosine LR to a minimum with warmup ("LR2"),
+Defaults are the paper's (docs/paper.md): G=4, temperature 0.8, rollout batch 512 prompts, train batch
+256 completions (8 optimizer updates per rollout), 1 episode, cosine LR to a minimum with warmup ("LR2"),
 adaptive KL starting at 1e-3 with target 5e-4 ("KL2"). What the paper left open is a flag.
 
 Outputs in --out: metrics.jsonl (one line per step), rollouts.jsonl (sampled completions), checkpoints/
@@ -29,11 +30,21 @@ import time
 from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import rewards
-import vlm
+from vlaa import checkpoints, training
+from vlaa.qwen import (
+    SYSTEM_PROMPT,
+    collate,
+    load_model,
+    prompt_encoder,
+    repeat_batch,
+    sample_completions,
+    to_device,
+    vision_token_ids,
+)
+from vlaa.records import has_aha, load_records, normalize_verifier
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments
@@ -100,132 +111,19 @@ p.add_argument("--seed", type=int, default=0)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: RL records, each prompt encoded (its image processed) once
-
-
-def load_rl_records(path, fmt, image_root, types, has_rm, master):
-    records = vlm.load_records(path, fmt, image_root, need=("question", "answer", "verifier_type"))
-    records = [r for r in records if r["verifier_type"] in types]
-    kept = [r for r in records if r["verifier_type"] != "open" or has_rm]
-    if master and len(kept) < len(records):  # DESIGN: dropped with a count, never scored 0
-        print(f"dropped {len(records) - len(kept)} `open` samples: they need --reward-model")
-    return kept
-
-
-def prompt_encoder(model, tokenizer, image_processor, system, cache_size=2000):
-    """record -> encoded prompt with its M-RoPE positions, for all G completions of a step at once, and
-    cached (up to cache_size prompts) for later episodes: the image processor (19-25% of a tiny step,
-    notes/toy-learnability.md) and transformers' position code (a Python loop) then run once per prompt."""
-    cache = {}
-
-    def encode(r):
-        if r["id"] in cache:
-            return cache[r["id"]]
-        ex = vlm.encode_example(tokenizer, image_processor, r["question"], vlm.load_image(r["image"], r["id"]),
-                                system=system)
-        ids = ex["input_ids"][None]  # [1, L]
-        image_tokens = (ids == tokenizer.image_token_id).int()
-        ex["positions"] = model.model.get_rope_index(  # [3, L]: (time, height, width) per token
-            ids, mm_token_type_ids=image_tokens, image_grid_thw=ex["image_grid_thw"])[0][:, 0]
-        if len(cache) < cache_size:
-            cache[r["id"]] = ex
-        return ex
-
-    return encode
-
-
-# ----------------------------------------------------------------------------------------------------
-# Rollouts: HF generate, or one colocated vLLM engine per rank
-
-
-def rollout_hf(model, prompts, group_size, args, pad_id, features=None):
-    """Sample G completions per prompt with the current policy -> (ids [P*G, T], mask [P*G, T]).
-    With precomputed vision features, the vision tower does not run again on G copies of each image."""
-    batch = vlm.repeat_batch(vlm.collate(prompts, pad_id), group_size)  # rows p*G .. p*G+G-1: prompt p
-    if features is not None:
-        del batch["pixel_values"]
-        batch["mm_encoder_outputs"] = {"image": SimpleNamespace(
-            pooler_output=[f for f in features for _ in range(group_size)])}
-    model.eval()
-    comp, mask = vlm.sample_completions(model, vlm.to_device(batch, model.device), args.max_new_tokens,
-                                        args.temperature, args.top_p, pad_id=pad_id)
-    model.train()
-    return comp, mask
-
-
-def vllm_weight_name(name):
-    """HF parameter name -> the name vLLM's Qwen2.5-VL loader expects. transformers v5 names
-    (model.language_model.*, model.visual.*, lm_head.*) pass through: vLLM maps them itself; only the
-    wrappers' prefixes go (activation checkpointing, torch.compile, FSDP1)."""
-    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module."):
-        name = name.replace(wrapper, "")
-    return name
-
-
-def make_vllm_engine(args, rank):
-    """One engine per rank, in this process (external_launcher), asleep until the first rollout.
-    Built before the training model lands on the GPU: vLLM checks free memory at start (vllm-colocate.md)."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in-process: weights reachable
-    from vllm import LLM
-
-    mm_kwargs = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
-    llm = LLM(model=args.model, tensor_parallel_size=1, distributed_executor_backend="external_launcher",
-              dtype="bfloat16", seed=args.seed + rank, gpu_memory_utilization=args.vllm_gpu_memory,
-              max_model_len=args.max_new_tokens + 4096, enable_sleep_mode=True, enable_prefix_caching=True,
-              limit_mm_per_prompt={"image": 1, "video": 0}, mm_processor_cache_gb=0,
-              mm_processor_kwargs=mm_kwargs or None, max_num_batched_tokens=max(8192, args.max_new_tokens + 4096))
-    llm.sleep(level=1)  # level 1 keeps a CPU copy of the weights: a partial push stays correct
-    return llm
-
-
-def push_weights_to_vllm(llm, model, skip_vision):
-    """Wake the engine's weights and load the policy's, one full tensor at a time (full_tensor() is a
-    collective: every rank walks the same names in the same order), then wake the KV cache."""
-    torch.cuda.empty_cache()
-    llm.wake_up(tags=["weights"])
-    runner_model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-    for name, t in model.state_dict().items():
-        full = t.full_tensor() if hasattr(t, "full_tensor") else t
-        if skip_vision and ".visual." in f".{name}":
-            continue  # frozen: the engine's copy is already right
-        runner_model.load_weights([(vllm_weight_name(name), full.to(torch.bfloat16))])
-    llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
-    llm.wake_up(tags=["kv_cache"])
-
-
-def rollout_vllm(llm, records, group_size, args, tokenizer, system, vision_ids):
-    """Generate with the colocated engine; it expands the one <|image_pad|> per prompt itself."""
-    from vllm import SamplingParams
-
-    sp = SamplingParams(n=group_size, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
-                        logit_bias={i: -100.0 for i in vision_ids})  # never sample vision tokens
-    reqs = [{"prompt": vlm.chat_prompt(tokenizer, r["question"], 1, system),
-             "multi_modal_data": {"image": vlm.load_image(r["image"], r["id"])}} for r in records]
-    outs = llm.generate(reqs, sp, use_tqdm=False)
-    llm.sleep(level=1)
-    seqs = [list(o.token_ids) for out in outs for o in out.outputs]  # P*G, grouped by prompt
-    T = max(1, max(len(s) for s in seqs))
-    comp = torch.full((len(seqs), T), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        comp[i, :len(s)], mask[i, :len(s)] = torch.tensor(s, dtype=torch.long), 1
-    return comp, mask
-
-
-# ----------------------------------------------------------------------------------------------------
 # The GRPO objective
 
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     """(r - group mean) / (group std + eps), or just r - mean with scale="none" (Dr. GRPO).
-    rewards: [P*G], grouped by prompt. A group whose rewards are all equal gets advantage 0."""
-    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)  # [P, G]
+    rewards: [N] = [prompts * G], grouped by prompt. A group whose rewards are all equal gets advantage 0."""
+    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)  # [prompts, G]
     adv = r - r.mean(1, keepdim=True)
     if scale == "group":
         adv = adv / (r.std(1, keepdim=True) + eps) if group_size > 1 else adv
     elif scale != "none":
         raise ValueError(f"scale must be 'group' or 'none', not {scale!r}")
-    return adv.flatten()  # [P*G]
+    return adv.flatten()  # [N]
 
 
 def kl_k3(logp, ref_logp):
@@ -246,7 +144,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_h
     """
     mask = mask.float()
     log_ratio = (logp - old_logp).clamp(-20, 20)  # clamped like verl and EasyR1: exp() must not overflow
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(log_ratio)  # [B, T]
     adv = advantages.unsqueeze(1)  # [B, 1]: one advantage for every token of a completion
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
@@ -278,53 +176,56 @@ def adaptive_kl_coef(coef, kl, target, n_samples, horizon):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Log-probs
+# Log-probs for a vision-language model
 
 
 def image_features(model, prompts):
-    """The vision tower on each prompt's image once (no grad): reused by the reference, old and policy
-    forwards of all G completions while the tower is frozen, instead of G x 3 runs."""
+    """The vision tower on each prompt's image once (no grad): reused by generate and by the reference,
+    old and policy forwards of all G completions while the tower is frozen, instead of G x 4 runs."""
     pixel_values = torch.cat([e["pixel_values"] for e in prompts]).to(model.device)  # [patches, 1176]
-    grid = torch.cat([e["image_grid_thw"] for e in prompts]).to(model.device)  # [P, 3]
-    with torch.no_grad(), vlm.autocast(model.device):
+    grid = torch.cat([e["image_grid_thw"] for e in prompts]).to(model.device)  # [prompts, 3]
+    with torch.no_grad(), training.autocast(model.device):
         out = model.get_image_features(pixel_values, image_grid_thw=grid, return_dict=True)
     return list(out.pooler_output)  # one [image tokens, hidden] per prompt
 
 
 def sequence_batch(prompts, rows, group_size, comp, comp_mask, pad_id, features=None):
     """Model inputs for completion rows: [left pad | prompt | completion | right pad], with the images
-    as pixels or as precomputed vision features, and M-RoPE positions from the prompts' cached ones: a
-    completion's tokens continue from its prompt's largest position, on all three axes, as generate()
-    numbers them. Padding gets position 0, as in transformers. Returns (batch, prompt width)."""
+    as pixels or as precomputed vision features -> (batch, prompt width W).
+
+    Positions: Qwen2.5-VL numbers image tokens on three axes (time, height, width) and text tokens on
+    all three alike. A completion's tokens continue from its prompt's largest position, as generate()
+    numbers them; the prompt's own come from its cached encoding. Padding gets position 0."""
     examples = [prompts[r // group_size] for r in rows]
-    batch = vlm.collate(examples, pad_id)
-    P = batch["input_ids"].shape[1]
+    batch = collate(examples, pad_id)
+    W = batch["input_ids"].shape[1]
     c, m = comp[rows], comp_mask[rows]  # [b, T]
-    batch["input_ids"] = torch.cat([batch["input_ids"], c], 1)  # [b, P+T]
+    batch["input_ids"] = torch.cat([batch["input_ids"], c], 1)  # [b, W+T]
     batch["attention_mask"] = torch.cat([batch["attention_mask"], m], 1)
     batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(c, dtype=torch.int)], 1)
-    pos = torch.zeros(3, len(rows), P + c.shape[1], dtype=torch.long)  # [3, b, P+T]
+    pos = torch.zeros(3, len(rows), W + c.shape[1], dtype=torch.long)  # [3, b, W+T]
     steps = torch.arange(1, c.shape[1] + 1)  # [T]
     for i, e in enumerate(examples):
         n = e["positions"].shape[1]
-        pos[:, i, P - n:P] = e["positions"]
-        pos[:, i, P:] = (e["positions"].max() + steps) * m[i]
+        pos[:, i, W - n:W] = e["positions"]
+        pos[:, i, W:] = (e["positions"].max() + steps) * m[i]
     batch["position_ids"] = pos
     if features is not None:
         del batch["pixel_values"]
         per_row = [features[r // group_size] for r in rows]
         batch["mm_encoder_outputs"] = {"image": SimpleNamespace(pooler_output=per_row)}
-    return batch, P
+    return batch, W
 
 
-def token_logprobs(model, batch, P, comp, temperature, vision_ids, with_entropy=False):
+def token_logprobs(model, batch, width, comp, temperature, vision_ids, with_entropy=False):
     """log pi(token) for every completion token, under the distribution we sample from: logits / T,
-    with the suppressed vision tokens at -inf. Returns ([b, T], entropy [b, T] or None)."""
+    with the suppressed vision tokens at -inf. `width` is the prompt width W of sequence_batch.
+    Returns ([b, T], entropy [b, T] or None)."""
     device = model.device
     inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    logits = model(**inputs).logits[:, P - 1:-1].float() / temperature  # [b, T, V]: position t predicts token t+1
+    logits = model(**inputs).logits[:, width - 1:-1].float() / temperature  # [b, T, V]: position t predicts t+1
     logits[..., vision_ids] = float("-inf")
     lse = torch.logsumexp(logits, -1)  # [b, T]
     logp = logits.gather(-1, comp.to(device).unsqueeze(-1)).squeeze(-1) - lse
@@ -336,19 +237,48 @@ def token_logprobs(model, batch, P, comp, temperature, vision_ids, with_entropy=
     return logp, entropy
 
 
-def forward_rows(model, batches, comp, temperature, vision_ids):
-    """No-grad log-probs over micro-batches {rows: (batch, P)} (reference or old policy) -> [N, T] on the CPU."""
+def frozen_logprobs(model, batches, comp, temperature, vision_ids):
+    """No-grad log-probs of every row, micro-batch by micro-batch {rows: (batch, W)} (the reference, or the
+    policy before its first update) -> [N, T] on the CPU."""
     out = torch.zeros(comp.shape)
     with torch.no_grad():
-        for rows, (b, P) in batches.items():
-            with vlm.autocast(model.device):
-                lp, _ = token_logprobs(model, b, P, comp[list(rows)], temperature, vision_ids)
+        for rows, (b, width) in batches.items():
+            with training.autocast(model.device):
+                lp, _ = token_logprobs(model, b, width, comp[list(rows)], temperature, vision_ids)
             out[list(rows)] = lp.float().cpu()
     return out
 
 
 # ----------------------------------------------------------------------------------------------------
+# Rollouts (the colocated vLLM engine is in vlaa/colocate.py)
+
+
+def rollout_hf(model, prompts, group_size, args, pad_id, features=None):
+    """Sample G completions per prompt with the current policy -> (ids [N, T], mask [N, T]), N = prompts * G.
+    With precomputed vision features, the vision tower does not run again on G copies of each image."""
+    batch = repeat_batch(collate(prompts, pad_id), group_size)  # rows p*G .. p*G+G-1: prompt p
+    if features is not None:
+        del batch["pixel_values"]
+        batch["mm_encoder_outputs"] = {"image": SimpleNamespace(
+            pooler_output=[f for f in features for _ in range(group_size)])}
+    model.eval()
+    comp, mask = sample_completions(model, to_device(batch, model.device), args.max_new_tokens,
+                                    args.temperature, args.top_p, pad_id=pad_id)
+    model.train()
+    return comp, mask
+
+
+# ----------------------------------------------------------------------------------------------------
 # The loop
+
+
+def load_rl_records(path, fmt, image_root, types, has_rm, master):
+    records = load_records(path, fmt, image_root, need=("question", "answer", "verifier_type"))
+    records = [r for r in records if r["verifier_type"] in types]
+    kept = [r for r in records if r["verifier_type"] != "open" or has_rm]
+    if master and len(kept) < len(records):  # dropped with a count, never scored 0
+        print(f"dropped {len(records) - len(kept)} `open` samples: they need --reward-model")
+    return kept
 
 
 def group_stats(rewards_t, texts, group_size):
@@ -358,19 +288,40 @@ def group_stats(rewards_t, texts, group_size):
             "distinct_per_group": sum(distinct) / len(distinct)}
 
 
-def reduce_mean(values, world):
-    """Average a dict of floats over ranks (for logging)."""
-    if world == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: v / world for k, v in zip(keys, t.tolist())}
+def update_policy(model, optimizer, params, minibatch, micro_batches, batches, comp, comp_mask, keep, adv,
+                  old_logp, ref_logp, kl_coef, args, vision_ids, world, device):
+    """One optimizer update on a mini-batch of completion rows: the loss of each micro-batch is normalised by
+    the mini-batch's GLOBAL token (or sequence) count, so the gradient is that of the whole mini-batch over
+    all ranks. Returns (per-micro-batch stats, entropy sum, token count, gradient norm)."""
+    mask_mb = comp_mask[minibatch].float() * keep[minibatch].unsqueeze(1)  # [rows, T]
+    count = mask_mb.sum() if args.loss_agg == "token" else (mask_mb.sum(1) > 0).float().sum()
+    normalizer = training.global_sum(count.to(device), world, device).clamp(min=1)
+    stats, ent_sum, ent_n = [], 0.0, 0.0
+    for i, key in enumerate(micro_batches):
+        training.gradient_sync(model, i == len(micro_batches) - 1)
+        b, width = batches[key]
+        rows = list(key)
+        with training.autocast(device):
+            logp, ent = token_logprobs(model, b, width, comp[rows], args.temperature, vision_ids, with_entropy=True)
+        m = (comp_mask[rows].float() * keep[rows].unsqueeze(1)).to(device)  # [b, T]
+        loss, st = policy_loss(
+            logp.float(), old_logp=old_logp[rows].to(device) if old_logp is not None else logp.detach(),
+            ref_logp=ref_logp[rows].to(device) if ref_logp is not None else None,
+            advantages=adv[rows].to(device), mask=m, clip_low=args.clip_low, clip_high=args.clip_high,
+            kl_coef=kl_coef, loss_agg=args.loss_agg, normalizer=normalizer)
+        (loss * world).backward()  # FSDP2 averages gradients over ranks; the normaliser is already global
+        stats.append(st)
+        ent_sum += float((ent * comp_mask[rows].to(device)).sum())
+        ent_n += float(comp_mask[rows].sum())
+    grad_norm = training.clip_grad_norm(params, args.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats, ent_sum, ent_n, grad_norm
 
 
 def main(argv=None):
     args = p.parse_args(argv)
-    env = vlm.init_distributed()
+    env = training.init_distributed()
     rank, world, device, master = env["rank"], env["world"], env["device"], env["master"]
     if args.rollout_batch % world or args.train_batch % world:
         raise SystemExit(f"--rollout-batch and --train-batch must be divisible by the number of ranks ({world})")
@@ -381,37 +332,43 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)  # each rank samples its own completions
     os.makedirs(args.out, exist_ok=True)
 
-    llm = make_vllm_engine(args, rank) if args.rollout == "vllm" else None
-    model, tokenizer, image_processor = vlm.load_model(args.model, "float32", device, args.min_pixels, args.max_pixels)
-    vlm.freeze_vision_tower(model, not args.train_vision)
+    # models: the policy (sharded under torchrun), a frozen reference, the reward model, the vLLM engine
+    llm = None
+    if args.rollout == "vllm":
+        from vlaa import colocate
+
+        llm = colocate.make_vllm_engine(args, rank)
+    model, tokenizer, image_processor = load_model(args.model, "float32", device, args.min_pixels, args.max_pixels)
+    training.freeze_vision_tower(model, not args.train_vision)
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable()
-    model = vlm.shard_model(model, device, world)
+    model = training.shard_model(model, device, world)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     use_ref = args.kl_coef > 0
     ref = None
     if use_ref:  # a frozen copy of the start model; on the CPU between uses with --ref-offload
         ref_device = torch.device("cpu") if args.ref_offload else device
-        ref = vlm.shard_model(vlm.load_model(args.model, "float32", ref_device)[0].eval().requires_grad_(False),
-                              device, world, cpu_offload=args.ref_offload)
-    pad_id, vision_ids = tokenizer.pad_token_id, vlm.vision_token_ids(model.config)
+        ref = training.shard_model(load_model(args.model, "float32", ref_device)[0].eval().requires_grad_(False),
+                                   device, world, cpu_offload=args.ref_offload)
+    pad_id, vision_ids = tokenizer.pad_token_id, vision_token_ids(model.config)
     rm = rewards.RewardModel.from_pretrained(args.reward_model, device=str(device), offload=True,
                                              trust_remote_code=args.trust_remote_code) if args.reward_model else None
 
-    system = None if args.no_system_prompt else vlm.SYSTEM_PROMPT
-    types = [vlm.normalize_verifier(t, "--verifier-types") for t in args.verifier_types.split(",")]
+    # data
+    system = None if args.no_system_prompt else SYSTEM_PROMPT
+    types = [normalize_verifier(t, "--verifier-types") for t in args.verifier_types.split(",")]
     records = load_rl_records(args.data, args.fmt, args.image_root, types, rm is not None, master)
     if len(records) < args.rollout_batch:
         raise SystemExit(f"{args.data}: {len(records)} usable prompts, fewer than --rollout-batch {args.rollout_batch}")
-    encode = prompt_encoder(model, tokenizer, image_processor, system, args.cache_size)
+    encode = prompt_encoder(tokenizer, image_processor, system, args.cache_size, model=model)
     total_steps = args.max_steps or max(1, int(args.episodes * (len(records) // args.rollout_batch)))
     warmup = int(args.warmup_ratio * total_steps)
 
     start, kl_coef = 0, args.kl_coef
-    ckpt = vlm.latest_checkpoint(args.out) if args.resume else None
+    ckpt = checkpoints.latest_checkpoint(args.out) if args.resume else None
     if ckpt:
-        state = vlm.load_checkpoint(ckpt, model, optimizer, rank)
+        state = checkpoints.load_checkpoint(ckpt, model, optimizer, rank)
         start, kl_coef = state["step"], state["kl_coef"]
         if master:
             print(f"resumed from {ckpt} at step {start}")
@@ -424,9 +381,9 @@ def main(argv=None):
               f"on {world} rank(s); {rows_per_rank // train_rows} update(s) per step per epoch")
 
     for step in tqdm(range(start, total_steps), disable=not master, desc="grpo", initial=start, total=total_steps):
-        lr = vlm.cosine_lr(step, total_steps, args.lr, warmup, args.min_lr)
-        vlm.set_lr(optimizer, lr)
-        chosen = vlm.step_indices(step, len(records), args.rollout_batch, args.seed)[rank::world]
+        lr = training.cosine_lr(step, total_steps, args.lr, warmup, args.min_lr)
+        training.set_lr(optimizer, lr)
+        chosen = training.step_indices(step, len(records), args.rollout_batch, args.seed)[rank::world]
         step_records = [records[i] for i in chosen]
         samples = [r for r in step_records for _ in range(args.group_size)]  # one per completion row
         prompts = [encode(r) for r in step_records]
@@ -436,11 +393,12 @@ def main(argv=None):
         t0 = time.perf_counter()
         features = None if args.train_vision else image_features(model, prompts)
         if llm is not None:
-            push_weights_to_vllm(llm, model, skip_vision=not args.train_vision)
-            comp, comp_mask = rollout_vllm(llm, step_records, args.group_size, args, tokenizer, system, vision_ids)
+            colocate.push_weights_to_vllm(llm, model, skip_vision=not args.train_vision)
+            comp, comp_mask = colocate.rollout_vllm(llm, step_records, args.group_size, args, tokenizer, system,
+                                                    vision_ids)
         else:
             comp, comp_mask = rollout_hf(model, prompts, args.group_size, args, pad_id, features)
-        comp, comp_mask = comp.cpu(), comp_mask.cpu()  # [N, T], N = P_rank * G
+        comp, comp_mask = comp.cpu(), comp_mask.cpu()  # [N, T], N = this rank's prompts * G
         texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
         t1 = time.perf_counter()
 
@@ -448,95 +406,75 @@ def main(argv=None):
         rw, rstats = rewards.score_batch(texts, samples, rm=rm, format_weight=args.format_weight,
                                          beta=args.open_beta)
         rw = torch.tensor(rw, dtype=torch.float32)  # [N]
-        adv = group_advantages(rw, args.group_size, args.scale_rewards)
-        keep = torch.ones_like(rw)
+        adv = group_advantages(rw, args.group_size, args.scale_rewards)  # [N]
+        keep = torch.ones_like(rw)  # [N]
         if args.drop_uniform_groups:  # uniform groups carry no signal: out of the loss and its normaliser
             keep = (rw.view(-1, args.group_size).std(1) > 0).float().repeat_interleave(args.group_size)
         t2 = time.perf_counter()
 
-        # 3. micro-batches, built once; reference and old log-probs (no grad)
+        # 3. mini-batches (one optimizer update each) of micro-batches, built once; reference and old log-probs
         order = torch.randperm(len(rw)).tolist()  # mini-batches mix prompts
         minibatches = [order[i:i + train_rows] for i in range(0, len(order), train_rows)]
-        micro = lambda rows: [tuple(rows[i:i + args.micro_batch]) for i in range(0, len(rows), args.micro_batch)]  # noqa: E731
+        micro = {tuple(mb): [tuple(mb[i:i + args.micro_batch]) for i in range(0, len(mb), args.micro_batch)]
+                 for mb in minibatches}
         batches = {rows: sequence_batch(prompts, list(rows), args.group_size, comp, comp_mask, pad_id, features)
-                   for mb in minibatches for rows in micro(mb)}
+                   for chunks in micro.values() for rows in chunks}
         ref_logp = None
         if use_ref:
             swap = args.ref_offload and world == 1  # sharded, FSDP2's CPU offload moves the shards itself
             if swap:
                 ref.to(device)
-            ref_logp = forward_rows(ref, batches, comp, args.temperature, vision_ids)
+            ref_logp = frozen_logprobs(ref, batches, comp, args.temperature, vision_ids)
             if swap:
                 ref.to("cpu")
         off_policy = args.ppo_epochs > 1 or len(minibatches) > 1  # later updates see an older policy
-        old_logp = forward_rows(model, batches, comp, args.temperature, vision_ids) if off_policy else None
+        old_logp = frozen_logprobs(model, batches, comp, args.temperature, vision_ids) if off_policy else None
 
         # 4. policy updates
         step_stats, ent_sum, ent_n = [], 0.0, 0.0
         for _ in range(args.ppo_epochs):
             for mb in minibatches:
-                mask_mb = comp_mask[mb].float() * keep[mb].unsqueeze(1)
-                norm = mask_mb.sum() if args.loss_agg == "token" else (mask_mb.sum(1) > 0).float().sum()
-                norm = norm.to(device)
-                if world > 1:
-                    dist.all_reduce(norm)  # the global count: every micro-batch on every rank adds up
-                norm = norm.clamp(min=1)
-                chunks = micro(mb)
-                for i, key in enumerate(chunks):
-                    if hasattr(model, "set_requires_gradient_sync"):
-                        model.set_requires_gradient_sync(i == len(chunks) - 1)
-                    b, P = batches[key]
-                    rows = list(key)
-                    with vlm.autocast(device):
-                        logp, ent = token_logprobs(model, b, P, comp[rows], args.temperature, vision_ids,
-                                                   with_entropy=True)
-                    m = (comp_mask[rows].float() * keep[rows].unsqueeze(1)).to(device)
-                    old = old_logp[rows].to(device) if old_logp is not None else logp.detach()
-                    refl = ref_logp[rows].to(device) if ref_logp is not None else None
-                    loss, st = policy_loss(logp.float(), old, refl, adv[rows].to(device), m, args.clip_low,
-                                           args.clip_high, kl_coef, args.loss_agg, norm)
-                    (loss * world).backward()  # FSDP2 averages gradients over ranks
-                    step_stats.append(st)
-                    ent_sum += float((ent * comp_mask[rows].to(device)).sum())
-                    ent_n += float(comp_mask[rows].sum())
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                st, es, en, grad_norm = update_policy(
+                    model, optimizer, params, minibatch=mb, micro_batches=micro[tuple(mb)], batches=batches,
+                    comp=comp, comp_mask=comp_mask, keep=keep, adv=adv, old_logp=old_logp, ref_logp=ref_logp,
+                    kl_coef=kl_coef, args=args, vision_ids=vision_ids, world=world, device=device)
+                step_stats += st
+                ent_sum, ent_n = ent_sum + es, ent_n + en
         t3 = time.perf_counter()
 
         # 5. bookkeeping: adaptive KL, metrics, sampled rollouts, checkpoints
         tok = sum(s["tokens"] for s in step_stats) or 1.0
         mean_of = lambda k: sum(s[k] * s["tokens"] for s in step_stats) / tok  # noqa: E731
         lengths = comp_mask.sum(1).float()
-        metrics = {"reward": float(rw.mean()), "accuracy": float((rw >= 0.5).float().mean()),
-                   "adv_abs": float(adv.abs().mean()), "adv_std": float(adv.std()) if len(adv) > 1 else 0.0,
-                   "kl": mean_of("kl"), "clip_frac": mean_of("clip_frac"), "ratio": mean_of("ratio"),
-                   "entropy": ent_sum / max(ent_n, 1.0), "completion_len": float(lengths.mean()),
-                   "aha_share": sum(vlm.has_aha(t) for t in texts) / len(texts),
-                   "no_answer_share": sum(rewards.extract_answer(t) is None for t in texts) / len(texts),
-                   "grad_norm": float(grad_norm), "time_generate": t1 - t0, "time_score": t2 - t1,
-                   "time_train": t3 - t2, **group_stats(rw, texts, args.group_size),
-                   **{k: float(v) for k, v in rstats.items()}}
-        metrics = reduce_mean(metrics, world)
+        means = {"reward": float(rw.mean()), "accuracy": float(rewards.is_correct(rw).float().mean()),
+                 "adv_abs": float(adv.abs().mean()), "adv_std": float(adv.std()) if len(adv) > 1 else 0.0,
+                 "kl": mean_of("kl"), "clip_frac": mean_of("clip_frac"), "ratio": mean_of("ratio"),
+                 "entropy": ent_sum / max(ent_n, 1.0), "completion_len": float(lengths.mean()),
+                 "aha_share": sum(has_aha(t) for t in texts) / len(texts),
+                 "no_answer_share": rstats.pop("no_answer") / len(texts),
+                 "grad_norm": grad_norm, "time_generate": t1 - t0, "time_score": t2 - t1,
+                 "time_train": t3 - t2, **group_stats(rw, texts, args.group_size)}
+        metrics = training.reduce_metrics(means, rstats, world, device)
+        metrics |= rewards.per_type_rewards(metrics)
         if use_ref and args.kl_target > 0:
             kl_coef = adaptive_kl_coef(kl_coef, metrics["kl"], args.kl_target, args.rollout_batch * args.group_size,
                                        args.kl_horizon)
         metrics = {"step": step + 1, "lr": lr, "kl_coef": kl_coef, **metrics}
         if master:
-            vlm.log_metrics(os.path.join(args.out, "metrics.jsonl"), metrics)
+            training.log_metrics(os.path.join(args.out, "metrics.jsonl"), metrics)
             tqdm.write(f"step {step + 1:4d} | reward {metrics['reward']:.3f} | acc {metrics['accuracy']:.2f} | "
                        f"kl {metrics['kl']:.4f} | len {metrics['completion_len']:.1f} | distinct/G "
                        f"{metrics['distinct_per_group']:.2f} | gen {t1 - t0:.2f}s score {t2 - t1:.2f}s "
                        f"train {t3 - t2:.2f}s")
             if (step + 1) % args.log_rollouts_every == 0 or step == 0:
                 for s, t, r in list(zip(samples, texts, rw.tolist()))[:2 * args.group_size]:
-                    vlm.log_metrics(os.path.join(args.out, "rollouts.jsonl"),
-                                    {"step": step + 1, "id": s["id"], "completion": t, "reward": r})
+                    training.log_metrics(os.path.join(args.out, "rollouts.jsonl"),
+                                         {"step": step + 1, "id": s["id"], "completion": t, "reward": r})
         if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            vlm.save_checkpoint(args.out, step + 1, model, optimizer, {"kl_coef": kl_coef}, rank)
+            checkpoints.save_checkpoint(args.out, step + 1, model, optimizer, {"kl_coef": kl_coef}, rank)
 
-    vlm.finish_training(args.out, total_steps, model, optimizer, {"kl_coef": kl_coef}, tokenizer, image_processor, env)
+    checkpoints.finish_training(args.out, total_steps, model, optimizer, {"kl_coef": kl_coef}, tokenizer,
+                                image_processor, env)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 
 import rewards
-import vlm
+from vlaa import backends, jsonl, qwen, records
 
 SIX = ("mathvista", "mathvision", "mathverse", "dynamath", "wemath", "logicvista")
 TITLES = {"mathvista": "MathVista", "mathvision": "MathVision", "mathverse": "MathVerse", "dynamath": "DynaMath",
@@ -131,11 +131,11 @@ def load_local(name, data_dir, need):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{name}: no such file {path}\n{LAYOUT}")
     root, records = os.path.dirname(os.path.abspath(path)), []
-    for i, rec in vlm.read_jsonl(path):  # bad JSON: an error naming file:line
+    for i, rec in jsonl.read_jsonl(path):  # bad JSON: an error naming file:line
         where = f"{path}:{i}"
         if name == "mathverse" and rec.get("problem_version", "Vision Only") != "Vision Only":
             continue  # a copy of all five versions: keep the one the leaderboard scores
-        if missing := [f for f in need if f not in rec]:  # not vlm.require: LogicVista has one empty answer
+        if missing := [f for f in need if f not in rec]:  # not records.require: LogicVista has one empty answer
             raise ValueError(f"{where}: missing field '{missing[0]}' (record has: {', '.join(sorted(rec))})")
         image = next((rec[f] for f in IMAGE_FIELDS if isinstance(rec.get(f), str) and rec[f]), None)
         if image is None:
@@ -447,7 +447,7 @@ def load_schema(data_dir=None, limit=None):
     path = os.path.join(data_dir, "test.jsonl") if os.path.isdir(data_dir) else data_dir
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file {path}: --data-dir is a JSONL file, or a folder holding test.jsonl")
-    return vlm.load_records(path, need=("question", "answer", "verifier_type"))[:limit]
+    return records.load_records(path, need=("question", "answer", "verifier_type"))[:limit]
 
 
 def schema_is_correct(rec, answer):
@@ -514,7 +514,7 @@ BENCHMARKS["jsonl"] = BENCHMARKS["toy"]
 
 
 def backend_options(args):
-    """Each backend's own knobs (vlm.make_backend passes them on); with openai the server resizes images."""
+    """Each backend's own knobs (backends.make_backend passes them on); with openai the server resizes images."""
     px = {"min_pixels": args.min_pixels, "max_pixels": args.max_pixels}
     return {"hf": {"batch_size": args.batch_size, "device": args.device, **px}, "openai": {"base_url": args.base_url},
             "vllm": {"tensor_parallel_size": args.tensor_parallel_size, **px}}[args.backend]
@@ -525,21 +525,21 @@ def generate(args, data):
     from tqdm import tqdm
 
     path = os.path.join(args.out, "predictions.jsonl")
-    done, f = vlm.open_output(path)  # ids already answered; a torn last line is cut and redone
+    done, f, _ = jsonl.open_output(path)  # ids already answered; a torn last line is cut and redone
     todo = [(name, rec) for name, records in data.items() for rec in records if f"{name}/{key(rec)}" not in done]
     if done and todo:
         print(f"{path}: {len(done)} answers already there, resuming")
-    gen = vlm.make_backend(args.backend, args.model, **backend_options(args)) if todo else None
-    system = None if args.no_system_prompt else vlm.SYSTEM_PROMPT
+    gen = backends.make_backend(args.backend, args.model, **backend_options(args)) if todo else None
+    system = None if args.no_system_prompt else qwen.SYSTEM_PROMPT
     with f, tqdm(total=len(todo), desc="generate", unit="q", disable=not todo) as bar:
         for s in range(0, len(todo), args.batch_size):
             chunk = todo[s:s + args.batch_size]
             requests = [{"prompt": BENCHMARKS[name].prompt(rec), "system": system,
-                         "image": vlm.load_image(rec["image"], f"{name}/{key(rec)}")
+                         "image": records.load_image(rec["image"], f"{name}/{key(rec)}")
                          if isinstance(rec["image"], str) else rec["image"].convert("RGB")} for name, rec in chunk]
             outs = gen(requests, n=1, max_new_tokens=args.max_new_tokens, temperature=0.0)  # greedy (SPEC §4)
             for (name, rec), out in zip(chunk, outs):
-                vlm.append_jsonl(f, {"id": f"{name}/{key(rec)}", "bench": name, "response": out[0]})
+                jsonl.append_jsonl(f, {"id": f"{name}/{key(rec)}", "bench": name, "response": out[0]})
             bar.update(len(chunk))
 
 
@@ -556,14 +556,14 @@ JUDGE_VERIFY = ("You are a fair evaluator. Given a question, its groundtruth and
 
 def ask_judge(judge, path, items):
     """items: [(id, prompt)] -> {id: reply}. Replies are appended to `path`: a rerun asks only new ones."""
-    done = {r["id"]: r["reply"] for _, r in vlm.read_jsonl(path)} if os.path.exists(path) else {}
+    done = {r["id"]: r["reply"] for _, r in jsonl.read_jsonl(path)} if os.path.exists(path) else {}
     if todo := [(i, p) for i, p in items if i not in done]:
         replies = judge([{"prompt": p, "image": None, "system": None} for _, p in todo], n=1, max_new_tokens=64,
                         temperature=0.0)
-        with vlm.open_output(path)[1] as f:
+        with jsonl.open_output(path)[1] as f:
             for (i, _), reply in zip(todo, replies):
                 done[i] = reply[0].strip()
-                vlm.append_jsonl(f, {"id": i, "reply": done[i]})
+                jsonl.append_jsonl(f, {"id": i, "reply": done[i]})
     return done
 
 
@@ -592,7 +592,7 @@ def score_benchmark(name, records, responses, judge=None, judge_path=None):
 def trace_stats(rows):
     """The paper's signs of pseudo reasoning: long responses, aha words, no answer the rules can extract."""
     return {"mean_words": mean(len((r["response"] or "").split()) for r in rows),
-            "aha": mean(vlm.has_aha(r["response"]) for r in rows),
+            "aha": mean(records.has_aha(r["response"]) for r in rows),
             "no_answer": mean(r["extracted_by"] != "rule" for r in rows)}
 
 
@@ -667,24 +667,24 @@ def main(argv=None):
     if args.backend == "auto":
         args.backend = "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
     args.batch_size = args.batch_size or (16 if args.backend == "hf" else 512)
-    judge = args.judge_backend and vlm.make_backend(args.judge_backend, args.judge_model, **(
+    judge = args.judge_backend and backends.make_backend(args.judge_backend, args.judge_model, **(
         {"base_url": args.judge_base_url} if args.judge_backend == "openai" else {}))
 
     data = {name: load_benchmark(name, args, judge) for name in names}  # bad data fails before the model loads
     generate(args, data)
-    responses = {r["id"]: r["response"] for _, r in vlm.read_jsonl(os.path.join(args.out, "predictions.jsonl"))}
+    responses = {r["id"]: r["response"] for _, r in jsonl.read_jsonl(os.path.join(args.out, "predictions.jsonl"))}
 
     path = os.path.join(args.out, "scores.json")
     scores = read_scores(args.out) if os.path.exists(path) else {"benchmarks": {}}  # other benchmarks stay
     scores |= {"model": args.model, "settings": {k: vars(args)[k] for k in (
         "backend", "max_new_tokens", "min_pixels", "max_pixels", "no_system_prompt", "judge_backend", "limit")}}
-    for name, records in data.items():
+    for name, recs in data.items():
         bench = BENCHMARKS[name]
-        rows = score_benchmark(name, records, responses, judge, os.path.join(args.out, "judge.jsonl"))
+        rows = score_benchmark(name, recs, responses, judge, os.path.join(args.out, "judge.jsonl"))
         metrics = bench.aggregate(rows)
         scores["benchmarks"][name] = {"score": 100 * metrics[bench.primary], "primary": bench.primary,
                                       "n": len(rows), "metrics": metrics, "trace": trace_stats(rows)}
-        vlm.write_jsonl(os.path.join(args.out, f"scored-{name}.jsonl"), rows)
+        jsonl.write_jsonl(os.path.join(args.out, f"scored-{name}.jsonl"), rows)
     scores["avg"] = average_of_six(scores["benchmarks"])
     with open(path, "w") as f:
         json.dump(scores, f, indent=2)

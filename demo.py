@@ -9,8 +9,8 @@ Every stage does its real work on the toy world (toy.py) with a tiny random Qwen
 
 The warm-up exists because a random model never writes an <answer> block, so every reward is 0 and
 GRPO has nothing to learn from: it is SFT on the right *format* with a random answer of the right kind
-(the "format-only start" of notes/grpo-toy.md), so it teaches nothing about the images.
-Settings are fixed in the constants below, chosen from the CPU studies in ../shared/notes, never
+(the "format-only start" of docs/toy.md), so it teaches nothing about the images.
+Settings are fixed in the constants below, chosen from the CPU studies in docs/toy.md, never
 tuned toward the paper's conclusion: whatever the table says is the result.
 
     python demo.py [--out runs/demo] [--quick]      # --quick: a reduced size, for the test suite
@@ -26,7 +26,7 @@ import random
 import time
 
 import toy
-import vlm
+from vlaa import jsonl
 
 caption, distill, verify, sft, grpo, evaluate = (importlib.import_module(m) for m in (
     "01_caption", "02_distill", "03_rewrite_verify", "04_sft", "05_grpo", "06_eval"))
@@ -36,7 +36,7 @@ QUICK = dict(n=200, test_n=16, warmup_steps=4, sft_steps=4, grpo_steps=2, prompt
 TEACHER = "reasoner:error_rate=0.1,hesitation_rate=0.3"  # some wrong, some hesitant traces
 SFT_ARGS = ["--global-batch", "32", "--micro-batch", "32", "--lr", "2e-3", "--min-lr", "2e-3", "--warmup-ratio", "0",
             "--save-every", "100000"]  # the toy-learnability SFT recipe: batch 32, constant lr 2e-3
-# notes/grpo-toy.md §3: B 8 prompts x G 8, T 1.0, lr 3e-4 (stable in 3 of 3 seeds; 1e-3 learned faster but
+# docs/toy.md: B 8 prompts x G 8, T 1.0, lr 3e-4 (stable in 3 of 3 seeds; 1e-3 learned faster but
 # crashed one seed of three), 150 steps; no KL, which cost 33-40% more time per step and changed nothing there.
 GRPO_ARGS = ["--group-size", "8", "--micro-batch", "64", "--temperature", "1.0", "--lr", "3e-4", "--min-lr", "3e-4",
              "--warmup-ratio", "0", "--kl-coef", "0", "--save-every", "100000"]
@@ -49,7 +49,7 @@ def stage(title):
 def warmup_data(train_path, out_path, seed=0):
     """Each training question with `<think> </think> <answer>X</answer>`, X a random answer of the
     same task: the format, and nothing about the image."""
-    records = [r for _, r in vlm.read_jsonl(train_path)]
+    records = [r for _, r in jsonl.read_jsonl(train_path)]
     pool = {}
     for r in records:
         pool.setdefault(r.get("task", r["verifier_type"]), []).append(r["answer"])

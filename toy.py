@@ -11,7 +11,7 @@ safetensors, a byte-level BPE tokenizer with Qwen's special tokens and chat temp
 processor), so every stage loads it with the same code that loads Qwen/Qwen2.5-VL-3B-Instruct.
 No GPU needed; it builds in well under a second.
 
-The data mirrors the paper's sources, one small task per verifier type (SPEC §1-2):
+The data mirrors the paper's sources (§2, Table 1), one small task per verifier type (§4.1):
 
     task          verifier  source          question (answer)
     colour        mcq       toy-colour      What colour is the square? A. red B. green C. blue D. yellow  (A)
@@ -24,20 +24,20 @@ The data mirrors the paper's sources, one small task per verifier type (SPEC §1
     shapes        open      toy-allava      What shapes are in the image?                     (circle, triangle)
     read          open      toy-docvqa      What number is written in the image?                          (407)
 
-The defaults are what a tiny model learns on a CPU in minutes (../shared/notes/toy-learnability.md):
+The defaults are what a tiny model learns on a CPU in minutes (measured in docs/toy.md):
 112 px images, 1-4 objects, boxes on a quarter grid, options always in the order red, green, blue,
 yellow, and a mix weighted towards colour, box and counting. Harder variants are one flag away:
 `--shuffle-options`, `--max-objects 6`, `--grid 8`, `--size 168`, `--kinds count,remove-shape,expr,read`.
 Only the question, answer and choices go into a record; whatever knows the scene must read the pixels.
 
-The toy teacher plays the paper's models, as the `toy` backend of vlm.py
+The toy teacher plays the paper's models, as the `toy` backend of vlaa/backends.py
 (`--backend toy --model reasoner:error_rate=0.1,hesitation_rate=0.3`), so stages 01-03 run their
 real code offline: a captioner that reads the pixels back exactly, an R1-like reasoner that sees only
 caption and question (with dials for wrong steps and for hesitant "wait, let me double-check" loops),
 a rewriter and a Yes/No judge. In Python: `gen = make_teacher(*parse_teacher_spec("captioner"))`,
 then `gen([{"prompt": "...", "image": pil_image, "system": None}], n=1, seed=0) -> [["..."]]`.
 
-toy.py imports nothing of the project (DESIGN: vlm.py imports toy.py, never the reverse).
+toy.py imports nothing of the project: the package imports toy.py (lazily, for that backend), never the reverse.
 """
 
 import argparse
@@ -53,7 +53,7 @@ from PIL import Image, ImageDraw
 # ----------------------------------------------------------------------------------------------------
 # Sizes and the tokenizer corpus
 
-# The VLAA-Thinker system prompt, verbatim (SPEC §4); vlm.py uses the same text.
+# The VLAA-Thinker system prompt, verbatim (the paper's App. Fig. 12); vlaa/qwen.py holds the same text.
 VLAA_SYSTEM_PROMPT = (
     "You are VL-Thinking🤔, a helpful assistant with excellent reasoning ability. A user asks you a question, "
     "and you should try to solve it. You should first think about the reasoning process in the mind and then "
@@ -63,14 +63,14 @@ VLAA_SYSTEM_PROMPT = (
 )
 
 SIZES = {
-    # measured in ../shared/notes/toy-learnability.md: "tiny" learns colour, boxes and counts in minutes on 2 cores
+    # docs/toy.md: "tiny" learns colour, boxes and counts in minutes on 2 cores
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, vision_hidden=32, vision_depth=2),
     "small": dict(hidden=128, layers=4, heads=4, kv_heads=2, vision_hidden=64, vision_depth=2),
 }
 VOCAB_SIZE = 1024  # BPE stops early when the corpus runs out of merges
 IMAGE_MIN_PIXELS = 28 * 28 * 4  # a 56 px image -> 4 image tokens
 IMAGE_MAX_PIXELS = 28 * 28 * 16  # a 112 px image -> 16 image tokens: sequences stay short on a CPU
-SPECIAL_TOKENS = [  # listed first, so their ids are fixed (0..6), as in cpu-env.md §3
+SPECIAL_TOKENS = [  # listed first, so their ids are fixed (0..6), Qwen's own names
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
     "<|video_pad|>",
 ]
@@ -189,7 +189,7 @@ def build_model(out, size="tiny", seed=0):
 # ----------------------------------------------------------------------------------------------------
 # The toy world: scenes drawn so that a program can read them back exactly
 
-# Shapes and colours as measured in notes/toy-learnability.md §2. Every object is drawn in one flat
+# Shapes and colours as measured in docs/toy.md. Every object is drawn in one flat
 # colour (base colour plus a jitter, unique within the image, no anti-aliasing), so the captioner can
 # find each object as "all pixels of one colour" and nothing is ever ambiguous.
 BACKGROUND, INK = (245, 245, 245), (20, 20, 20)
@@ -211,7 +211,7 @@ class World:
 def cells(size):
     """Cells per side and the cell size in px."""
     n = max(2, size // CELL)
-    return n, size // n
+    return n, max(1, size // n)  # an image a few px wide still has 1 px cells
 
 
 def in_cell(row, col, cell, margin, span=1):
@@ -293,14 +293,14 @@ def mcq(question, right, options, rng, world):
 
 
 def task_colour(rng, world):
-    # one big solid square: the one-feature task GRPO learns from a format-only start (notes/grpo-toy.md §3)
+    # one big solid square: the one-feature task GRPO learns from a format-only start (docs/toy.md)
     colour, m = rng.choice(list(COLOURS)), world.size // 8
     scene = {"objects": [(colour, "square", (m, m, world.size - m, world.size - m))]}
     return mcq("What colour is the square?", colour, list(COLOURS), rng, world) | scene
 
 
 def task_largest(rng, world):
-    # notes/toy-learnability.md "mcqfixed": one shape on a 2x2 block of cells, 1-2 small ones elsewhere
+    # docs/toy.md (options in a fixed order): one shape on a 2x2 block of cells, 1-2 small ones elsewhere
     n, cell = cells(world.size)
     colours = rng.sample(list(COLOURS), rng.randint(2, 3))
     r, c = rng.randrange(n - 1), rng.randrange(n - 1)
@@ -427,12 +427,17 @@ def make_data(out, n, test_n=200, seed=0, kinds=DEFAULT_MIX, world=None):
 # rewriter and judge (03). Each role sees only what its model in the paper saw.
 
 
+MAX_FLAT_COLOURS = 64  # a toy scene has a few flat colours; a photograph has thousands
+
+
 def read_image(image):
     """The scene as the pixels show it: objects (colour, shape, box, rgb) in reading order, and the text."""
     a = np.asarray(image.convert("RGB"), dtype=np.int32)
     key = a[..., 0] << 16 | a[..., 1] << 8 | a[..., 2]
-    objects = []
-    for k in np.unique(key):
+    objects, colours = [], np.unique(key)
+    if len(colours) > MAX_FLAT_COLOURS:  # a photograph, not a toy scene: no flat objects to read
+        colours = colours[:0]
+    for k in colours:
         rgb = (int(k) >> 16 & 255, int(k) >> 8 & 255, int(k) & 255)
         if rgb in (BACKGROUND, INK):
             continue
@@ -444,11 +449,12 @@ def read_image(image):
         objects.append((colour, shape, box, rgb))
     slots, bars = text_slots(a.shape[0])
     ink = key == (INK[0] << 16 | INK[1] << 8 | INK[2])
+    inked = lambda px, py: 0 <= py < ink.shape[0] and 0 <= px < ink.shape[1] and ink[py, px]  # any image size
     text = ""
     for x, y in slots:  # one probe pixel per bar; "h" is probed above the middle bar it crosses
         probes = {name: ((x0 + x1) // 2, (y0 + y1) // 2) for name, (x0, y0, x1, y1) in bars(x, y).items()}
         probes["h"] = (probes["h"][0], bars(x, y)["h"][1] + 1)
-        text += READ_GLYPH.get(frozenset(b for b, (px, py) in probes.items() if ink[py, px]), "?")
+        text += READ_GLYPH.get(frozenset(b for b, (px, py) in probes.items() if inked(px, py)), "?")
     return sorted(objects, key=lambda o: (o[2][1], o[2][0])), text.strip()
 
 

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import toy  # noqa: E402
-import vlm  # noqa: E402
+from vlaa import backends  # noqa: E402
 
 
 def main():
@@ -26,7 +26,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     path = args.model or toy.build_model(tempfile.mkdtemp(), "tiny")
-    gen = vlm.make_backend("hf", path, device="cpu", batch_size=32)
+    gen = backends.make_backend("hf", path, device="cpu", batch_size=32)
     reqs = [{"prompt": "What colour is the square?", "image": Image.new("RGB", (s, s), (200, 30, 30))}
             for s in (56, 84, 112, 140)]
     gen(reqs[:1], n=2, max_new_tokens=4, temperature=1.0)  # warm-up

@@ -2,9 +2,9 @@
 does it compare with TRL's GRPOTrainer doing the identical work?
 
     python bench/grpo_step.py [--quick]          # the project venv (torch 2.13.0+cpu): no TRL column
-    /work/bench-venv/bin/python bench/grpo_step.py [--quick]      # with the TRL column
+    .venv-bench/bin/python bench/grpo_step.py [--quick]          # with the TRL column (venv below)
 
-Workload (as in ../shared/notes/trl-bench.md): the tiny random Qwen2.5-VL (toy.py), toy colour questions
+Workload: the tiny random Qwen2.5-VL (toy.py), toy colour questions
 on 56 px images with 05's prompt (VLAA system prompt, image, question), 1 prompt x G=8 completions per step,
 16 new tokens, temperature 1.0, a reference model (KL coefficient 0.04, fixed), lr 1e-5, fp32, 1 torch
 thread (--threads: on a shared 2-core machine a second thread made steps slower and erratic). Each run
@@ -25,9 +25,9 @@ It prints:
 TRL needs torchvision, which the project's torch 2.13.0+cpu has no build for. The TRL column's
 environment (bash, outside the repo; ~6 GB, ~2 min):
 
-    python3 -m venv /work/bench-venv && /work/bench-venv/bin/pip install -q --upgrade pip
-    /work/bench-venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-    /work/bench-venv/bin/pip install -q trl accelerate datasets pillow math-verify tqdm pytest \\
+    python3 -m venv .venv-bench && .venv-bench/bin/pip install -q --upgrade pip
+    .venv-bench/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+    .venv-bench/bin/pip install -q trl accelerate datasets pillow math-verify tqdm pytest \\
         "transformers>=5.20,<5.21" -c <(printf 'torch==2.14.1\\ntorchvision==0.29.1\\n')
 
 (or any venv with that torch + torchvision and `pip install '.[bench]'`). Both sides then run in that
@@ -83,10 +83,11 @@ class ModelClock:
 def run_ours(args):
     import torch
 
-    import vlm
+    from vlaa import training
 
     grpo = importlib.import_module("05_grpo")
-    clock, steps, roles, load_model, log_metrics = ModelClock(), [], ["ref", "policy"], vlm.load_model, vlm.log_metrics
+    clock, steps, roles = ModelClock(), [], ["ref", "policy"]
+    load_model, log_metrics = grpo.load_model, training.log_metrics
 
     def timed_load(*a, **kw):  # 05 loads the policy first, then the reference
         model, tokenizer, image_processor = load_model(*a, **kw)
@@ -104,7 +105,7 @@ def run_ours(args):
             clock.t.clear()
         log_metrics(path, rec)
 
-    vlm.load_model, vlm.log_metrics = timed_load, timed_log
+    grpo.load_model, training.log_metrics = timed_load, timed_log
     torch.Tensor.backward = clock.wrap(torch.Tensor.backward, "backward")
     torch.nn.utils.clip_grad_norm_ = clock.wrap(torch.nn.utils.clip_grad_norm_, "optimizer")
     torch.optim.AdamW.step = clock.wrap(torch.optim.AdamW.step, "optimizer")
@@ -124,13 +125,13 @@ def run_trl(args):
     from trl import GRPOConfig, GRPOTrainer
 
     import rewards
-    import vlm
+    from vlaa import qwen, records
 
-    records = vlm.load_records(args.data, need=("question", "answer", "verifier_type"))
+    data = records.load_records(args.data, need=("question", "answer", "verifier_type"))
     # the same messages 05 builds (system prompt, then image + question); TRL puts the image in itself
-    ds = Dataset.from_list([{"prompt": [{"role": "system", "content": vlm.SYSTEM_PROMPT},
+    ds = Dataset.from_list([{"prompt": [{"role": "system", "content": qwen.SYSTEM_PROMPT},
                                         {"role": "user", "content": r["question"]}],
-                             "image": vlm.load_image(r["image"]), "sample": json.dumps(r)} for r in records])
+                             "image": records.load_image(r["image"]), "sample": json.dumps(r)} for r in data])
 
     def reward(completions, sample, **_):  # 05's scorer on the same records: the same score work
         return rewards.score_batch([c[0]["content"] for c in completions], [json.loads(s) for s in sample])[0]

@@ -4,7 +4,7 @@
 
 The completions are synthetic but shaped like real rollouts: `<think> ~1 KB </think> <answer> .. </answer>`,
 per prompt 4 samples (paper: G = 4) that are right (in several spellings), wrong, or malformed
-(no tags, unclosed tag, empty answer). Types are drawn in the RL split's mix (SPEC §1, Table 1):
+(no tags, unclosed tag, empty answer). Types are drawn in the RL split's mix (the paper's Table 1):
 digit 2,000, mcq 7,499, math 6,696 (about a quarter), iou 4,000, open 5,000 of 25,195.
 Open answers are scored by an instant stub reward model: this measures our code, not an RM.
 Target: rule-based scoring of one step (512 prompts x 4 = 2,048 completions) in under 5 s on 2 CPU cores.

@@ -23,9 +23,9 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny(tiny_model_dir):
     """(model, tokenizer, image_processor), fp32 on CPU. Tests must not train this shared copy."""
-    import vlm
+    from vlaa import qwen
 
-    model, tok, ip = vlm.load_model(tiny_model_dir, "float32", "cpu")
+    model, tok, ip = qwen.load_model(tiny_model_dir, "float32", "cpu")
     return model.eval(), tok, ip
 
 

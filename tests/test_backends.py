@@ -20,7 +20,7 @@ import pytest
 from conftest import solid_image
 
 import toy
-import vlm
+from vlaa import backends, jsonl, qwen
 
 caption = importlib.import_module("01_caption")
 distill = importlib.import_module("02_distill")
@@ -95,7 +95,7 @@ def serve():
 
 
 def openai(url, **kw):
-    return vlm.make_backend("openai", "teacher", base_url=url, **{"backoff": 0.01, "timeout": 5, **kw})
+    return backends.make_backend("openai", "teacher", base_url=url, **{"backoff": 0.01, "timeout": 5, **kw})
 
 
 def user_text(payload):
@@ -192,7 +192,7 @@ def test_caption_and_distill_stages_through_the_openai_backend(serve, tmp_path):
     distill.main(["--in", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "d.jsonl"),
                   "--base-url", reasoner.url] + common)
 
-    rows = [r for _, r in vlm.read_jsonl(str(tmp_path / "d.jsonl"))]
+    rows = [r for _, r in jsonl.read_jsonl(str(tmp_path / "d.jsonl"))]
     assert len(rows) == 6 and all(r["caption"] == "A flat image with a red square." for r in rows)
     assert all(r["reasoning"] == "<think>The square is red, option A.</think>\n\nThe answer is A." for r in rows)
     assert all(p["messages"][0]["content"][0]["type"] == "image_url" for p in captioner.payloads)
@@ -211,13 +211,13 @@ def test_caption_and_distill_stages_through_the_openai_backend(serve, tmp_path):
 def test_vllm_requests_hold_one_image_placeholder_and_the_image(tiny):
     _, tok, _ = tiny
     image = solid_image(56)
-    with_image, text_only = vlm._vllm_requests(tok, [{"prompt": "What colour?", "image": image},
+    with_image, text_only = backends.vllm_requests(tok, [{"prompt": "What colour?", "image": image},
                                                      {"prompt": "2+2?", "image": None, "system": None}])
     ids = with_image["prompt_token_ids"]
     assert ids.count(tok.image_token_id) == 1  # vLLM expands it to the image's size itself
     assert with_image["multi_modal_data"] == {"image": image}
     text = tok.decode(ids)
-    assert text.startswith(f"<|im_start|>system\n{vlm.SYSTEM_PROMPT}<|im_end|>")
+    assert text.startswith(f"<|im_start|>system\n{qwen.SYSTEM_PROMPT}<|im_end|>")
     assert text.endswith("<|vision_start|><|image_pad|><|vision_end|>What colour?<|im_end|>\n<|im_start|>assistant\n")
     assert "multi_modal_data" not in text_only
     assert tok.decode(text_only["prompt_token_ids"]).endswith(
@@ -242,7 +242,7 @@ def test_vllm_backend_builds_one_engine_and_blocks_vision_tokens(tiny, tiny_mode
             self.__dict__.update(kw)
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
-    gen = vlm.make_backend("vllm", tiny_model_dir, tensor_parallel_size=8, max_model_len=4096, max_pixels=12845056)
+    gen = backends.make_backend("vllm", tiny_model_dir, tensor_parallel_size=8, max_model_len=4096, max_pixels=12845056)
     out = gen([{"prompt": "What colour?", "image": solid_image(56)}] * 2, n=3, max_new_tokens=9, temperature=0.7,
               seed=1)
     assert out == [["sample 0", "sample 1", "sample 2"]] * 2

@@ -9,7 +9,7 @@ import pytest
 from conftest import solid_image
 
 import toy
-import vlm
+from vlaa import backends, jsonl, qwen
 
 E = importlib.import_module("06_eval")
 
@@ -129,7 +129,7 @@ def test_logicvista_multi_letter_answers_compare_as_sets():
 
 
 def scripted(responses, judge_reply="A"):
-    """A stand-in for vlm.make_backend: the model answers by a tag in the prompt, the judge always the same."""
+    """A stand-in for backends.make_backend: the model answers by a tag in the prompt, the judge always the same."""
     calls = {"model": 0, "judge": 0, "systems": set()}
 
     def make_backend(name, model, **opts):
@@ -146,7 +146,7 @@ def scripted(responses, judge_reply="A"):
 
 
 def write_schema_file(tmp_path):
-    """A DESIGN-schema test file, one record per verifier type (questions tagged for the scripted model)."""
+    """A test file in our record schema, one record per verifier type (questions tagged for the scripted model)."""
     solid_image(56).save(tmp_path / "img.png")
     recs = [("digit", "3", {}), ("mcq", "B", {"choices": ["red", "green"]}), ("math", "\\frac{1}{2}", {}),
             ("iou", "[0.25, 0.25, 0.75, 0.75]", {}), ("iou", "[0.25, 0.25, 0.75, 0.75]", {}), ("digit", "2", {}),
@@ -164,7 +164,7 @@ def write_schema_file(tmp_path):
 def test_toy_scoring_with_rewards_and_open_records_dropped_without_a_judge(tmp_path, monkeypatch, capsys):
     responses = write_schema_file(tmp_path)
     make_backend, calls = scripted(responses)
-    monkeypatch.setattr(vlm, "make_backend", make_backend)
+    monkeypatch.setattr(backends, "make_backend", make_backend)
     scores = E.main(["--model", "m", "--bench", "jsonl", "--data-dir", str(tmp_path / "test.jsonl"),
                      "--out", str(tmp_path / "run"), "--backend", "hf"])
     out = capsys.readouterr().out
@@ -175,9 +175,9 @@ def test_toy_scoring_with_rewards_and_open_records_dropped_without_a_judge(tmp_p
     assert b["metrics"]["verifier_type/iou"] == 0.5
     assert b["metrics"]["mean_iou"] == pytest.approx((0.9 + 0.0025 / 0.3375) / 2)
     assert b["trace"] == {"mean_words": pytest.approx(21 / 6), "aha": 1 / 6, "no_answer": 1 / 6}
-    assert calls["systems"] == {vlm.SYSTEM_PROMPT}
+    assert calls["systems"] == {qwen.SYSTEM_PROMPT}
     # with a judge, the open record is graded (the paper's verify prompt) instead of dropped
-    monkeypatch.setattr(vlm, "make_backend", scripted(responses)[0])
+    monkeypatch.setattr(backends, "make_backend", scripted(responses)[0])
     scores = E.main(["--model", "m", "--bench", "jsonl", "--data-dir", str(tmp_path), "--out", str(tmp_path / "j"),
                      "--backend", "hf", "--judge-backend", "openai", "--no-system-prompt"])
     assert scores["benchmarks"]["jsonl"]["n"] == 7 and scores["benchmarks"]["jsonl"]["metrics"]["task/open"] == 1.0
@@ -188,7 +188,7 @@ def test_resume_after_interruption_redoes_only_missing_and_torn_lines(tmp_path, 
     argv = ["--model", "m", "--bench", "jsonl", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"),
             "--backend", "hf", "--batch-size", "2"]
     make_backend, calls = scripted(responses)
-    monkeypatch.setattr(vlm, "make_backend", make_backend)
+    monkeypatch.setattr(backends, "make_backend", make_backend)
     first = E.main(argv)
     path = tmp_path / "run" / "predictions.jsonl"
     lines = path.read_text().splitlines(keepends=True)
@@ -245,7 +245,7 @@ def write_six(root):
 def test_six_benchmarks_from_local_copies_then_the_side_by_side_report(tmp_path, monkeypatch, capsys):
     responses = write_six(tmp_path / "data")
     make_backend, calls = scripted(responses, judge_reply="A")
-    monkeypatch.setattr(vlm, "make_backend", make_backend)
+    monkeypatch.setattr(backends, "make_backend", make_backend)
     scores = E.main(["--model", "m", "--bench", ",".join(E.SIX), "--data-dir", str(tmp_path / "data"),
                      "--out", str(tmp_path / "mine"), "--backend", "vllm", "--judge-backend", "openai"])
     got = {name: b["score"] for name, b in scores["benchmarks"].items()}
@@ -253,13 +253,13 @@ def test_six_benchmarks_from_local_copies_then_the_side_by_side_report(tmp_path,
                    "logicvista": 100.0}
     assert scores["benchmarks"]["dynamath"]["metrics"]["average"] == 0.75 and scores["avg"] == 500 / 6
     assert calls["judge"] == 1  # only LogicVista's second answer needed it (VLMEvalKit's prefetch)
-    scored = [r for _, r in vlm.read_jsonl(tmp_path / "mine" / "scored-logicvista.jsonl")]
+    scored = [r for _, r in jsonl.read_jsonl(tmp_path / "mine" / "scored-logicvista.jsonl")]
     assert [(r["extracted"], r["extracted_by"]) for r in scored] == [("D, B", "rule"), ("A", "judge")]
-    _, first = next(vlm.read_jsonl(tmp_path / "mine" / "scored-mathvista.jsonl"))
+    _, first = next(jsonl.read_jsonl(tmp_path / "mine" / "scored-mathvista.jsonl"))
     assert {"pid", "choices", "precision", "response", "correct"} <= set(first)  # the benchmark's own fields kept
     assert os.path.exists(tmp_path / "mine" / "report.md")
     # a second run with only some benchmarks: no Avg; report puts both next to the paper's rows
-    monkeypatch.setattr(vlm, "make_backend", scripted(responses)[0])
+    monkeypatch.setattr(backends, "make_backend", scripted(responses)[0])
     E.main(["--model", "m", "--bench", "mathvista,wemath", "--data-dir", str(tmp_path / "data"),
             "--out", str(tmp_path / "base"), "--backend", "vllm"])
     capsys.readouterr()
@@ -290,7 +290,7 @@ def test_toy_end_to_end_with_the_tiny_model(tiny_model_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     n = scores["benchmarks"]["toy"]["n"]
     assert "| **tiny** |" in out and f"| tiny | Toy | {n} |" in out
-    assert n == sum(r["verifier_type"] != "open" for _, r in vlm.read_jsonl(tmp_path / "toy" / "test.jsonl"))
+    assert n == sum(r["verifier_type"] != "open" for _, r in jsonl.read_jsonl(tmp_path / "toy" / "test.jsonl"))
     assert len((tmp_path / "tiny" / "predictions.jsonl").read_text().splitlines()) == n
     assert scores["settings"]["max_pixels"] == 256 * 32 * 32 and scores["settings"]["max_new_tokens"] == 8
 

@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, solid_image
 
 import toy
-import vlm
+from vlaa import colocate, jsonl, qwen
 
 grpo = importlib.import_module("05_grpo")
 sft = importlib.import_module("04_sft")
@@ -108,11 +108,11 @@ def test_adaptive_kl_moves_toward_the_target():
 
 
 def test_vllm_weight_names_keep_hf_v5_names_and_drop_wrappers():
-    assert grpo.vllm_weight_name("model.language_model.layers.0.self_attn.q_proj.weight") == \
+    assert colocate.vllm_weight_name("model.language_model.layers.0.self_attn.q_proj.weight") == \
         "model.language_model.layers.0.self_attn.q_proj.weight"
-    assert grpo.vllm_weight_name("model.language_model.layers.3._checkpoint_wrapped_module.mlp.up_proj.weight") == \
+    assert colocate.vllm_weight_name("model.language_model.layers.3._checkpoint_wrapped_module.mlp.up_proj.weight") == \
         "model.language_model.layers.3.mlp.up_proj.weight"
-    assert grpo.vllm_weight_name("_orig_mod.model.visual.blocks.0.attn.qkv.weight") == \
+    assert colocate.vllm_weight_name("_orig_mod.model.visual.blocks.0.attn.qkv.weight") == \
         "model.visual.blocks.0.attn.qkv.weight"
 
 
@@ -124,16 +124,16 @@ def test_recomputed_logprobs_equal_the_sampling_distribution(tiny, reuse_vision,
     """Left padding, three image sizes, temperature: the loss's log-probs are the sampler's (1e-5)."""
     model, tok, ip = tiny
     qs = ["What colour is the square?", "hi", "What colour is the big red square? A. red"]
-    encode = grpo.prompt_encoder(model, tok, ip, vlm.SYSTEM_PROMPT)
+    encode = qwen.prompt_encoder(tok, ip, qwen.SYSTEM_PROMPT, model=model)
     for q, s in zip(qs, (56, 112, 84)):
         solid_image(s).save(tmp_path / f"{s}.png")
     prompts = [encode({"id": q, "question": q, "image": str(tmp_path / f"{s}.png")}) for q, s in zip(qs, (56, 112, 84))]
     G, T = 2, 1.3
-    batch = vlm.repeat_batch(vlm.collate(prompts, tok.pad_token_id), G)
+    batch = qwen.repeat_batch(qwen.collate(prompts, tok.pad_token_id), G)
     torch.manual_seed(0)
     out = model.generate(**batch, max_new_tokens=12, do_sample=True, temperature=T, top_k=0, top_p=1.0,
                          output_scores=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id,
-                         suppress_tokens=vlm.vision_token_ids(model.config), eos_token_id=tok.eos_token_id)
+                         suppress_tokens=qwen.vision_token_ids(model.config), eos_token_id=tok.eos_token_id)
     comp = out.sequences[:, batch["input_ids"].shape[1]:]
     is_eos = comp == tok.eos_token_id
     mask = ((is_eos.cumsum(1) - is_eos.long()) == 0).long()
@@ -141,7 +141,7 @@ def test_recomputed_logprobs_equal_the_sampling_distribution(tiny, reuse_vision,
     features = grpo.image_features(model, prompts) if reuse_vision else None
     b, P = grpo.sequence_batch(prompts, list(range(len(comp))), G, comp, mask, tok.pad_token_id, features)
     with torch.no_grad():
-        logp, _ = grpo.token_logprobs(model, b, P, comp, T, vlm.vision_token_ids(model.config))
+        logp, _ = grpo.token_logprobs(model, b, P, comp, T, qwen.vision_token_ids(model.config))
     assert ((logp - sampled).abs() * mask).max() < 1e-5
     assert b["input_ids"].shape[0] == 6 and (b["attention_mask"][:, 0] == 0).any()  # really left-padded
 
@@ -171,7 +171,7 @@ def test_two_ranks_under_torchrun(tmp_path, tiny_model_dir, colour_data):
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [m["step"] for m in lines] == [1, 2, 3]
-    assert all(m["count/mcq"] == 16 for m in lines)  # each rank's 4 prompts x 4 samples, averaged
+    assert all(m["count/mcq"] == 32 for m in lines)  # 8 prompts x 4 samples, summed over the 2 ranks
     from transformers import AutoModelForImageTextToText
 
     AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "model")  # the gathered export loads
@@ -198,12 +198,12 @@ def test_resume_gives_the_same_weights(tmp_path, tiny_model_dir, colour_data):
 
 
 def format_only_sft(model_dir, data_path, out, steps):
-    """The 'format-only start' of notes/grpo-toy.md: SFT on the right format with a random letter."""
+    """The 'format-only start' of docs/toy.md: SFT on the right format with a random letter."""
     rng = random.Random(0)
     folder = os.path.dirname(data_path)
     sft_path = os.path.join(folder, "format_sft.jsonl")
     with open(sft_path, "w") as f:
-        for _, r in vlm.read_jsonl(data_path):
+        for _, r in jsonl.read_jsonl(data_path):
             r["response"] = f"<think> </think> <answer>{rng.choice('ABCD')}</answer>"
             f.write(json.dumps(r) + "\n")
     sft.main(["--model", model_dir, "--data", sft_path, "--out", str(out), "--global-batch", "32",
@@ -233,7 +233,7 @@ def test_grpo_learns_the_colour_question_from_a_format_only_start(tmp_path, tiny
 def test_rollout_with_precomputed_vision_features_samples_the_same(tiny):
     """generate() fed the vision features once per prompt == generate() running the tower on G copies."""
     model, tok, ip = tiny
-    prompts = [vlm.encode_example(tok, ip, q, solid_image(s)) for q, s in (("a?", 56), ("bb?", 112))]
+    prompts = [qwen.encode_example(tok, ip, q, solid_image(s)) for q, s in (("a?", 56), ("bb?", 112))]
     args = type("A", (), {"max_new_tokens": 10, "temperature": 1.0, "top_p": 1.0})
     torch.manual_seed(0)
     with_pixels = grpo.rollout_hf(model, prompts, 3, args, tok.pad_token_id)

@@ -11,7 +11,7 @@ import pytest
 
 import rewards
 import toy
-import vlm
+from vlaa import backends, jsonl, records
 
 caption = importlib.import_module("01_caption")
 distill = importlib.import_module("02_distill")
@@ -23,7 +23,7 @@ KINDS = "count,remove,largest,shapes,sum,box"
 
 
 def rows(path):
-    return [r for _, r in vlm.read_jsonl(path)]
+    return [r for _, r in jsonl.read_jsonl(path)]
 
 
 def read(path):
@@ -80,7 +80,7 @@ def test_chain_writes_every_field_and_the_counts_add_up(tmp_path, captioned):
         assert r["response"].startswith("<think>") and r["response"].endswith("</answer>")
         assert rewards.extract_answer(r["response"])
         assert "caption" not in r["response"].lower()  # the toy R1 says "The caption says" 30% of the time
-    assert not any(vlm.has_aha(r["response"]) for r in sft) and all(vlm.has_aha(r["response"]) for r in rl)
+    assert not any(records.has_aha(r["response"]) for r in sft) and all(records.has_aha(r["response"]) for r in rl)
 
 
 def test_sft_rl_split_follows_the_teachers_hesitation_rate(tmp_path, captioned):
@@ -133,7 +133,7 @@ def test_rule_rewriter_speaks_of_the_image_and_keeps_the_case():
 
 
 def test_a_rewrite_that_changes_more_than_15_words_is_dropped(tmp_path, captioned, monkeypatch):
-    real = vlm.make_backend
+    real = backends.make_backend
 
     def chatty_rewriter(name, model, **opts):  # an LLM rewriter that adds 16 words to every third text
         if model != "chatty":
@@ -145,7 +145,7 @@ def test_a_rewrite_that_changes_more_than_15_words_is_dropped(tmp_path, captione
                     enumerate(texts)]
         return gen
 
-    monkeypatch.setattr(vlm, "make_backend", chatty_rewriter)
+    monkeypatch.setattr(backends, "make_backend", chatty_rewriter)
     distilled = str(tmp_path / "d.jsonl")
     distill.main(["--in", captioned, "--out", distilled, "--limit", "30", "--model", "reasoner:error_rate=0"])
     summary = rewrite_verify.main(["--in", distilled, "--out", str(tmp_path / "f"), "--rewriter-model", "chatty",
@@ -170,7 +170,7 @@ def test_a_kept_caption_is_reused_unless_overwrite(tmp_path, captioned):
     recs[0]["caption"] = "from ALLaVA"
     for r in recs:
         r["image"] = os.path.join(os.path.dirname(captioned), r["image"])  # absolute paths are accepted too
-    vlm.write_jsonl(str(src), recs)
+    jsonl.write_jsonl(str(src), recs)
     caption.main(["--in", str(src), "--out", str(tmp_path / "a.jsonl")])
     caption.main(["--in", str(src), "--out", str(tmp_path / "b.jsonl"), "--overwrite"])
     assert rows(str(tmp_path / "a.jsonl"))[0]["caption"] == "from ALLaVA"
@@ -183,7 +183,7 @@ def test_a_kept_caption_is_reused_unless_overwrite(tmp_path, captioned):
 
 def interrupt_after(monkeypatch, calls):
     """Make the backend die on its `calls`+1-th call, like a kill in the middle of a run."""
-    real, count = vlm.make_backend, [0]
+    real, count = backends.make_backend, [0]
 
     def make(name, model, **opts):
         gen = real(name, model, **opts)
@@ -194,13 +194,13 @@ def interrupt_after(monkeypatch, calls):
                 raise KeyboardInterrupt("killed")
             return gen(requests, **kw)
         return dying
-    monkeypatch.setattr(vlm, "make_backend", make)
+    monkeypatch.setattr(backends, "make_backend", make)
 
 
 @pytest.mark.parametrize("stage", ["01", "02", "03"])
 def test_resume_after_a_kill_gives_the_same_output_as_one_run(tmp_path, captioned, monkeypatch, stage):
     src = str(tmp_path / "in.jsonl")
-    vlm.write_jsonl(src, [dict(r, image=os.path.join(os.path.dirname(captioned), r["image"]))
+    jsonl.write_jsonl(src, [dict(r, image=os.path.join(os.path.dirname(captioned), r["image"]))
                           for r in rows(captioned)[:50]])
     if stage == "03":
         distill.main(["--in", src, "--out", str(tmp_path / "d.jsonl"), "--model", "reasoner"])
@@ -244,8 +244,8 @@ def test_a_bad_line_names_the_file_and_line(tmp_path, captioned):
 
     recs = rows(captioned)[:3]
     del recs[1]["caption"]
-    vlm.write_jsonl(str(bad), recs)
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: missing field 'caption'"):
+    jsonl.write_jsonl(str(bad), recs)
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2 \(id 'train-000001'\): missing field 'caption'"):
         distill.main(["--in", str(bad), "--out", str(tmp_path / "out2.jsonl")])
 
 
@@ -255,9 +255,10 @@ def test_a_missing_image_names_file_line_and_path_or_is_skipped_and_counted(tmp_
         r["image"] = os.path.join(os.path.dirname(captioned), r["image"])
     recs[2]["image"] = str(tmp_path / "nowhere.png")
     src = tmp_path / "in.jsonl"
-    vlm.write_jsonl(str(src), recs)
+    jsonl.write_jsonl(str(src), recs)
     argv = ["--in", str(src), "--out", str(tmp_path / "out.jsonl"), "--overwrite"]
-    with pytest.raises(FileNotFoundError, match=r"in\.jsonl:3: field 'image': image not found: .*nowhere\.png"):
+    where = r"in\.jsonl:3 \(id 'train-000002'\): field 'image'"
+    with pytest.raises(FileNotFoundError, match=where + r": image not found: .*nowhere\.png"):
         caption.main(argv)
 
     stats = caption.main(argv + ["--skip-bad"])
@@ -270,6 +271,7 @@ def test_a_gold_answer_the_verifier_cannot_read_is_an_error(tmp_path, captioned)
     distill.main(["--in", captioned, "--out", distilled, "--limit", "3"])
     recs = rows(distilled)
     recs[1].update(verifier_type="digit", answer="many")
-    vlm.write_jsonl(distilled, recs)
-    with pytest.raises(ValueError, match=r"d\.jsonl:2: field 'answer': digit gold answer 'many'"):
+    jsonl.write_jsonl(distilled, recs)
+    where = r"d\.jsonl:2 \(id 'train-000001'\): field 'answer'"
+    with pytest.raises(ValueError, match=where + ": digit answer 'many' is not one integer"):
         rewrite_verify.main(["--in", distilled, "--out", str(tmp_path / "f")])

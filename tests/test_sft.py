@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import ROOT, solid_image
 
-import vlm
+from vlaa import backends, qwen, records, training
 
 sft = importlib.import_module("04_sft")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 40), "blue": (40, 70, 220)}
@@ -47,8 +47,8 @@ def losses(out):
 def test_loss_mask_covers_exactly_the_answer_tokens(tiny):
     _, tok, ip = tiny
     response = "<think> It is red. </think> <answer>red</answer>"
-    ex = vlm.encode_example(tok, ip, "What colour is the square?", solid_image(56), response=response)
-    batch = vlm.collate([ex], tok.pad_token_id, label_examples=True)
+    ex = qwen.encode_example(tok, ip, "What colour is the square?", solid_image(56), response=response)
+    batch = qwen.collate([ex], tok.pad_token_id, label_examples=True)
     n_answer = len(tok(response + "<|im_end|>", add_special_tokens=False)["input_ids"])
     L = batch["input_ids"].shape[1]
     kept = (batch["labels"][0] != -100).nonzero().flatten().tolist()
@@ -59,8 +59,8 @@ def test_loss_mask_covers_exactly_the_answer_tokens(tiny):
 
 def test_token_loss_is_normalised_over_answer_tokens(tiny):
     model, tok, ip = tiny
-    ex = [vlm.encode_example(tok, ip, "Q?", solid_image(56), response=r) for r in ("<answer>red</answer>", "A")]
-    batch = vlm.collate(ex, tok.pad_token_id, label_examples=True)
+    ex = [qwen.encode_example(tok, ip, "Q?", solid_image(56), response=r) for r in ("<answer>red</answer>", "A")]
+    batch = qwen.collate(ex, tok.pad_token_id, label_examples=True)
     with torch.no_grad():
         loss_sum, n = sft.token_loss_sum(model, batch)
     assert n == sum(len(e["input_ids"]) - e["n_prompt"] for e in ex)
@@ -103,14 +103,14 @@ def test_released_records_load_and_too_long_samples_are_counted_not_cut(tmp_path
             "answer": "<think>" + "very long " * 200 + "</think><answer>red</answer>"}
     path = tmp_path / "VLAA-Thinking-SFT-126K.json"
     path.write_text(json.dumps(short) + "\n" + json.dumps(long) + "\n")
-    records = vlm.load_records(str(path), need=("question", "response"))
-    assert [r["response"] for r in records] == [short["answer"], long["answer"]]
-    full = vlm.encode_example(tok, ip, "Colour?", solid_image(56), response=short["answer"])
-    kept, dropped = sft.fitting_records(records, tok, ip, len(full["input_ids"]) + 100, vlm.SYSTEM_PROMPT)
+    loaded = records.load_records(str(path), need=("question", "response"))
+    assert [r["response"] for r in loaded] == [short["answer"], long["answer"]]
+    full = qwen.encode_example(tok, ip, "Colour?", solid_image(56), response=short["answer"])
+    kept, dropped = sft.fitting_records(loaded, tok, ip, len(full["input_ids"]) + 100, qwen.SYSTEM_PROMPT)
     assert (len(kept), dropped) == (1, 1)
-    kept, dropped = sft.fitting_records(records[:1], tok, ip, len(full["input_ids"]), vlm.SYSTEM_PROMPT)
+    kept, dropped = sft.fitting_records(loaded[:1], tok, ip, len(full["input_ids"]), qwen.SYSTEM_PROMPT)
     assert (len(kept), dropped) == (1, 0)  # the length check is exact: a sample of exactly max_length fits
-    kept, dropped = sft.fitting_records(records[:1], tok, ip, len(full["input_ids"]) - 1, vlm.SYSTEM_PROMPT)
+    kept, dropped = sft.fitting_records(loaded[:1], tok, ip, len(full["input_ids"]) - 1, qwen.SYSTEM_PROMPT)
     assert (len(kept), dropped) == (0, 1)
 
 
@@ -120,27 +120,27 @@ def test_bad_input_names_file_and_line(tmp_path, tiny_model_dir):
     bad.write_text(json.dumps({"id": "1", "image": "a.png", "question": "q", "answer": "x"}) + "\n")
     r = subprocess.run([sys.executable, "04_sft.py", "--model", tiny_model_dir, "--data", str(bad), "--out",
                         str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "sft.jsonl:1: missing field 'response'" in r.stderr
+    assert r.returncode != 0 and "sft.jsonl:1 (id '1'): missing field 'response'" in r.stderr
 
 
 @pytest.mark.parametrize("step", [0, 3, 4, 9])
 def test_data_position_is_the_step(step):
     # 10 records, global batch 4 -> 2 steps per epoch; each epoch is a fresh permutation
-    idx = vlm.step_indices(step, 10, 4, seed=0)
+    idx = training.step_indices(step, 10, 4, seed=0)
     assert len(idx) == 4 and len(set(idx)) == 4
-    assert idx == vlm.step_indices(step, 10, 4, seed=0)
-    epoch_steps = [vlm.step_indices(s, 10, 4, seed=0) for s in (2 * (step // 2), 2 * (step // 2) + 1)]
+    assert idx == training.step_indices(step, 10, 4, seed=0)
+    epoch_steps = [training.step_indices(s, 10, 4, seed=0) for s in (2 * (step // 2), 2 * (step // 2) + 1)]
     assert not set(epoch_steps[0]) & set(epoch_steps[1])  # no repeat within an epoch
 
 
-def toy_accuracy(model_dir, records, max_new_tokens=48):
+def toy_accuracy(model_dir, test, max_new_tokens=48):
     """Greedy answers on toy test records, scored like 06_eval's toy benchmark (iou: IoU >= 0.5)."""
     import rewards
 
-    gen = vlm.make_backend("hf", model_dir, device="cpu", batch_size=64)
-    outs = gen([{"prompt": r["question"], "image": vlm.load_image(r["image"])} for r in records],
+    gen = backends.make_backend("hf", model_dir, device="cpu", batch_size=64)
+    outs = gen([{"prompt": r["question"], "image": r["image"]} for r in test],
                max_new_tokens=max_new_tokens, temperature=0.0)
-    return sum(rewards.mixed_reward(o[0], r) >= 0.5 for o, r in zip(outs, records)) / len(records)
+    return sum(rewards.is_correct(rewards.mixed_reward(o[0], r)) for o, r in zip(outs, test)) / len(test)
 
 
 @pytest.mark.slow
@@ -155,7 +155,7 @@ def test_sft_on_teacher_traces_learns_the_learnable_kinds(tmp_path, tiny_model_d
     distill.main(["--in", str(tmp_path / "cap.jsonl"), "--out", str(tmp_path / "dist.jsonl"), "--backend", "toy",
                   "--model", "reasoner:error_rate=0,hesitation_rate=0"])
     verify.main(["--in", str(tmp_path / "dist.jsonl"), "--out", str(tmp_path / "final")])
-    test = vlm.load_records(str(data / "test.jsonl"))
+    test = records.load_records(str(data / "test.jsonl"))
     before = toy_accuracy(tiny_model_dir, test)
     sft.main(["--model", tiny_model_dir, "--data", str(tmp_path / "final" / "sft.jsonl"), "--out",
               str(tmp_path / "sft"), "--global-batch", "32", "--micro-batch", "32", "--lr", "2e-3", "--min-lr", "2e-3",

@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 import toy
-from vlm import has_aha  # the paper's aha words, as 03 splits by them
+from vlaa.records import has_aha  # the paper's aha words, as 03 splits by them
 
 SCENE = [("red", "circle", (32, 4, 52, 24)), ("blue", "square", (56, 56, 112, 112))]
 CAPTION = """Setting: a flat synthetic image, 112 by 112 pixels, plain light grey background, a 4 by 4 grid of cells.

@@ -1,0 +1,19 @@
+"""What the stages stand on, one module per kind of reader.
+
+    jsonl        JSONL files: read with errors naming file and line; outputs appended and resumed
+    records      the record schema: verifier types, the loader (ours and the released VLAA-Thinking files),
+                 validation at load, images
+    answers      reading an answer's value (integer, option, box, math spelling), the same way for the
+                 gold answer and the model's; the gold check the loader runs
+    qwen         the Qwen2.5-VL layer: system prompt, encoding, batching, loading, sampling
+    backends     generation for the data stages and eval: hf, toy, vllm (openai in openai_client)
+    datastage    the loop and flags the data stages share
+    training     torchrun, FSDP2, the LR schedule, metrics (04 and 05)
+    checkpoints  resumable checkpoints and the Hugging Face export (04 and 05)
+    runs         what a run folder was made by, so nothing is reused from another run
+    colocate     05's colocated vLLM engine: build, push weights, sample
+    mathverify   math-verify in killable helper processes (rewards.py's math verifier)
+
+Imports run one way: stages -> rewards.py -> vlaa. Nothing here imports a stage, rewards.py, or (except
+lazily, inside the `toy` backend) toy.py.
+"""

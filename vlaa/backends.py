@@ -1,0 +1,154 @@
+"""Generation backends for the data stages (01-03) and eval (06): one interface, four engines.
+
+    gen = make_backend(name, model, **options)
+    gen(requests, n=1, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None) -> [[text] * n per request]
+
+A request is {"prompt": str, "image": a path, a PIL image or None, "system": str or None}. Images given
+as paths are decoded only when their request is sent (a chunk at a time), so a batch of large images
+never sits in memory at once. Backends:
+
+    hf      transformers generate, any device (CPU for the toy model)
+    toy     toy.py's teacher (captioner, reasoner, rewriter, judge), CPU, no model at all
+    vllm    an offline vLLM engine on this node (tensor parallel over its GPUs; vLLM's CPU build in tests)
+    openai  any OpenAI-compatible server (vllm serve, SGLang, hosted APIs): vlaa/openai_client.py
+"""
+
+import torch
+
+from vlaa.qwen import (
+    SYSTEM_PROMPT,
+    build_messages,
+    collate,
+    encode_example,
+    load_model,
+    repeat_batch,
+    sample_completions,
+    to_device,
+)
+from vlaa.records import load_image
+
+
+def make_backend(name, model, **opts):
+    """name: "hf" (model = folder or hub id, or a loaded (model, tokenizer, image_processor) triple),
+    "toy" (model = "ROLE[:key=value,...]"), "vllm" (folder or hub id), "openai" (a served model name)."""
+    if name == "hf":
+        return hf_backend(model, **opts)
+    if name == "toy":
+        import toy  # the offline world, imported only when asked for
+
+        return toy.make_teacher(*toy.parse_teacher_spec(model))
+    if name == "vllm":
+        return vllm_backend(model, **opts)
+    if name == "openai":
+        from vlaa.openai_client import openai_backend
+
+        return openai_backend(model, **opts)
+    raise ValueError(f"unknown backend {name!r}; known: hf, toy, vllm, openai")
+
+
+def request_image(request):
+    """The request's image as PIL (decoded now if it is a path), or None."""
+    image = request.get("image")
+    return load_image(image) if isinstance(image, str) else image
+
+
+# ----------------------------------------------------------------------------------------------------
+# hf: transformers generate
+
+
+def hf_backend(model, batch_size=16, device=None, dtype="auto", min_pixels=None, max_pixels=None):
+    if isinstance(model, (tuple, list)):
+        model, tokenizer, image_processor = model
+    else:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, tokenizer, image_processor = load_model(model, dtype, device, min_pixels, max_pixels)
+    model.eval()
+
+    def gen(requests, n=1, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, **_):
+        if seed is not None:
+            torch.manual_seed(seed)
+        outs = []
+        per_call = max(1, batch_size // n)  # prompts per generate call, each sampled n times
+        for s in range(0, len(requests), per_call):
+            chunk = requests[s:s + per_call]
+            examples = [encode_example(tokenizer, image_processor, r["prompt"], request_image(r),
+                                       system=r.get("system", SYSTEM_PROMPT)) for r in chunk]  # each its own system
+            batch = to_device(repeat_batch(collate(examples, tokenizer.pad_token_id), n), model.device, model.dtype)
+            comp, _ = sample_completions(model, batch, max_new_tokens, temperature, top_p,
+                                         pad_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
+            outs += [texts[i * n:(i + 1) * n] for i in range(len(chunk))]
+        return outs
+
+    return gen
+
+
+# ----------------------------------------------------------------------------------------------------
+# vllm: one offline engine, tensor parallel over this node's GPUs (vllm is imported only here)
+
+VISION_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|video_pad|>", "<|vision_end|>")
+VLLM_CHUNK = 256  # requests whose images are decoded and handed to the engine at once
+
+
+def vllm_requests(tokenizer, requests):
+    """Our requests -> vLLM prompts: chat-template token ids with ONE image placeholder, and the image.
+
+    vLLM's Qwen2.5-VL processor expands the single <|image_pad|> to the image's token count itself,
+    so unlike encode_example we must not expand it here. Token ids (not text) so that a template
+    that already holds a BOS token does not get a second one.
+    """
+    prompts = []
+    for r in requests:
+        image = request_image(r)
+        messages = build_messages(r["prompt"], image is not None, r.get("system", SYSTEM_PROMPT))
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+        if image is not None:
+            if text.count("<|image_pad|>") != 1:
+                raise ValueError("the vllm backend needs a Qwen-VL chat template (one <|image_pad|> per image); "
+                                 "serve other VLMs with `vllm serve` and use the openai backend")
+            prompt["multi_modal_data"] = {"image": image}
+        prompts.append(prompt)
+    return prompts
+
+
+def vision_logit_bias(tokenizer):
+    """{token id: -100} for the vision special tokens: a text answer must never sample them."""
+    vocab = tokenizer.get_vocab()
+    return {vocab[t]: -100.0 for t in VISION_TOKENS if t in vocab}
+
+
+def vllm_backend(model, tensor_parallel_size=1, max_model_len=None, gpu_memory_utilization=0.9, min_pixels=None,
+                 max_pixels=None, limit_mm_per_prompt=None, dtype="auto", seed=0, trust_remote_code=False,
+                 **engine_kwargs):
+    """An offline vllm.LLM. One engine per process: tensor_parallel_size = the node's GPUs for a 72B
+    model; for several nodes run `vllm serve` on each and use the openai backend instead."""
+    from transformers import AutoConfig, AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    multimodal = getattr(config, "vision_config", None) is not None  # text-only models refuse image options
+    if multimodal:
+        engine_kwargs["limit_mm_per_prompt"] = limit_mm_per_prompt or {"image": 1, "video": 0}
+        pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        if pixels:
+            engine_kwargs["mm_processor_kwargs"] = pixels
+    llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+              gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, seed=seed,
+              trust_remote_code=trust_remote_code, **engine_kwargs)
+    bias = vision_logit_bias(tokenizer) or None
+
+    def gen(requests, n=1, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, **_):
+        if not multimodal and any(r.get("image") is not None for r in requests):
+            raise ValueError(f"{model} is a text-only model but a request has an image")
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
+                                logit_bias=bias)
+        outs = []
+        for s in range(0, len(requests), VLLM_CHUNK):
+            done = llm.generate(vllm_requests(tokenizer, requests[s:s + VLLM_CHUNK]), params, use_tqdm=False)
+            outs += [[c.text for c in o.outputs] for o in done]
+        return outs
+
+    return gen
+

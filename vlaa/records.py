@@ -1,0 +1,218 @@
+"""The record schema, and the one loader that reads our files and the released VLAA-Thinking files.
+
+A record is one JSON object a line (the README has an example of each kind):
+
+    id, image, question, answer, verifier_type   from the source        (choices, source: optional)
+    caption                                      01_caption.py
+    reasoning                                    02_distill.py
+    response, verified, aha, drop_reason         03_rewrite_verify.py
+
+Every record is checked once, when it is loaded, before any model runs: field types, the gold answer
+against its verifier (vlaa.answers), the image's header (it must be an image, not too large, not too
+thin), the question's length. A failure names the file, the line, the id and the field; with
+skip_bad it is counted and reported instead. Used by every stage.
+"""
+
+import os
+import re
+
+from vlaa.answers import gold_error
+from vlaa.jsonl import read_jsonl
+
+# paper (§4.1, Fig. 4): five verifiers, one per kind of answer
+VERIFIER_TYPES = ("digit", "mcq", "math", "iou", "open")
+# names seen for the same verifiers in the released GRPO file and third-party loaders (inferred, not documented)
+VERIFIER_ALIASES = {
+    "digit": "digit", "digits": "digit", "number": "digit", "count": "digit", "counting": "digit",
+    "mcq": "mcq", "choice": "mcq", "multiple_choice": "mcq", "multi_choice": "mcq", "option": "mcq",
+    "math": "math", "math_verify": "math", "expression": "math", "latex": "math",
+    "iou": "iou", "bbox": "iou", "box": "iou", "grounding": "iou",
+    "open": "open", "open_ended": "open", "open-ended": "open", "rm": "open", "reward_model": "open",
+    "general": "open",
+}
+
+# paper (§2 #6, App. A.2): an "aha moment" is any of these, as a substring of the lower-cased text
+AHA_WORDS = ("wait", "again", "double-check", "hmm", "mistake", "alternatively", "check", "i should confirm")
+
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # decompression-bomb guard: refuse images above 64 Mpx
+MAX_ASPECT_RATIO = 200  # Qwen2.5-VL's resize refuses thinner images (smart_resize raises above 200:1)
+MAX_QUESTION_CHARS = 32_000  # ~8k tokens; a longer question is a broken record, not a prompt
+TEXT_FIELDS = ("id", "image", "question", "answer", "caption", "reasoning", "response", "source")
+
+
+def has_aha(text, words=AHA_WORDS):
+    low = (text or "").lower()
+    return any(w in low for w in words)
+
+
+def normalize_verifier(value, where):
+    v = VERIFIER_ALIASES.get(str(value).strip().lower())
+    if v is None:
+        raise ValueError(f"{where}: unknown verifier_type {value!r}; known: {', '.join(VERIFIER_TYPES)} "
+                         f"(aliases: {', '.join(sorted(VERIFIER_ALIASES))})")
+    return v
+
+
+def require(rec, fields, where):
+    """Check that `rec` has every field, non-empty; `where` is 'file:line' for the message."""
+    for f in fields:
+        if rec.get(f) in (None, ""):
+            raise ValueError(f"{where}: missing field '{f}' (record has: {', '.join(sorted(rec)) or 'nothing'})")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images
+
+
+def check_image(path, where=""):
+    """The image's size from its header alone; an error naming the path when it is missing, not an image
+    (a text file, a directory), too large or too thin. Only files that pass are ever decoded or sent."""
+    from PIL import Image, UnidentifiedImageError
+
+    prefix = f"{where}: " if where else ""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{prefix}image not found: {path}")
+    try:
+        with Image.open(path) as im:  # reads only the header
+            w, h = im.size
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{prefix}not an image: {path} ({e})") from None
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{prefix}image too large ({w}x{h} px, limit {MAX_IMAGE_PIXELS} px): {path}")
+    if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+        raise ValueError(f"{prefix}image too thin ({w}x{h} px, aspect ratio limit {MAX_ASPECT_RATIO}): {path}")
+    return w, h
+
+
+def load_image(path, where=""):
+    """Open an image as RGB after check_image; a file that fails to decode is an error naming the path."""
+    from PIL import Image
+
+    check_image(path, where)
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{f'{where}: ' if where else ''}unreadable image {path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation, once per record
+
+
+def _as_text(rec, field, where):
+    """Text fields must be strings; numbers become strings (a gold answer 3), anything else is an error."""
+    v = rec.get(field)
+    if v is None or isinstance(v, str):
+        return
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        rec[field] = str(v)
+    elif field == "answer" and isinstance(v, list) and len(v) == 4 and all(isinstance(x, (int, float)) for x in v):
+        rec[field] = "[" + ", ".join(str(x) for x in v) + "]"  # a box given as a JSON list
+    else:
+        raise ValueError(f"{where}: field '{field}' must be a string, got {type(v).__name__}")
+
+
+def check_record(rec, where, need=(), image_root=None, gold=True, check_images=True):
+    """Validate one record in place (types, required fields, verifier type, gold answer, question length,
+    and with check_images the image's header, `image` made absolute against image_root). Raises ValueError
+    or FileNotFoundError naming where and the id."""
+    for field in TEXT_FIELDS:
+        _as_text(rec, field, where)
+    if "id" in rec:
+        where = f"{where} (id {rec['id']!r})"
+    require(rec, need, where)
+    if rec.get("choices") is not None and not (isinstance(rec["choices"], list)
+                                               and all(isinstance(c, (str, int, float)) for c in rec["choices"])):
+        raise ValueError(f"{where}: field 'choices' must be a list of strings")
+    if len(rec.get("question") or "") > MAX_QUESTION_CHARS:
+        raise ValueError(f"{where}: field 'question' is {len(rec['question'])} characters (limit {MAX_QUESTION_CHARS})")
+    if rec.get("verifier_type") not in (None, ""):
+        rec["verifier_type"] = normalize_verifier(rec["verifier_type"], f"{where}: field 'verifier_type'")
+        if gold and rec.get("answer") not in (None, ""):
+            why = gold_error(rec)
+            if why:
+                raise ValueError(f"{where}: field 'answer': {why}")
+    if check_images and rec.get("image") not in (None, ""):
+        root = image_root or "."
+        rec["image"] = rec["image"] if os.path.isabs(rec["image"]) else os.path.join(root, rec["image"])
+        check_image(rec["image"], f"{where}: field 'image'")
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loader: our schema and the released VLAA-Thinking files
+
+
+def _iter_json_or_jsonl(path):
+    """The released `.json` files are JSONL despite the extension; accept a JSON array too."""
+    import json
+
+    with open(path, "rb") as f:
+        head = f.read(1024).lstrip()
+    if not head.startswith(b"["):
+        yield from read_jsonl(path)
+        return
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            items = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: bad JSON array ({e})") from None
+    for i, rec in enumerate(items, 1):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: item {i}: expected a JSON object")
+        yield i, rec
+
+
+def _answer_block(text):
+    m = re.search(r"<answer>(.*?)</answer>", text, re.S)
+    return m.group(1).strip() if m else None
+
+
+def _from_released(rec, where):
+    """Released VLAA-Thinking record -> our schema. The field names are inferred from the files and
+    third-party loaders, not documented: `answer` holds the whole response in the SFT file, `gt` the
+    ground truth (else the <answer> block)."""
+    out = dict(rec)
+    answer = str(rec.get("answer", ""))
+    if "<think>" in answer:  # SFT file: `answer` is the whole <think>/<answer> response
+        out["response"] = answer
+        gold = rec.get("gt") or _answer_block(answer)
+    else:  # GRPO file: the ground truth is in `gt` (or `answer`)
+        gold = rec.get("gt") or answer or None
+    if gold in (None, ""):
+        raise ValueError(f"{where}: no ground truth: looked in 'gt', 'answer' and the <answer> block of 'answer'")
+    out["answer"] = gold if isinstance(gold, (list, int, float)) else str(gold)
+    return out
+
+
+def load_records(path, fmt="auto", image_root=None, need=("question", "answer"), skip_bad=False):
+    """Read a data file into a list of validated records in our schema, with `image` made absolute.
+
+    fmt: "ours", "vlaa" (the released VLAA-Thinking SFT/GRPO files) or "auto" (released when a record
+    has `gt` or a `<think>` inside `answer`). Images resolve against `image_root`, else the file's
+    folder. A bad record stops the load naming file, line, id and field; with skip_bad it is left out
+    and counted (the count and the first reasons are printed).
+    """
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    records, seen, bad = [], set(), []
+    for i, rec in _iter_json_or_jsonl(path):
+        where = f"{path}:{i}"
+        try:
+            released = fmt == "vlaa" or (fmt == "auto" and ("gt" in rec or "<think>" in str(rec.get("answer", ""))))
+            if released:
+                rec = _from_released(rec, where)
+            rec.setdefault("id", f"{os.path.basename(path)}:{i}")  # the released files may have no id
+            check_record(rec, where, ("image",) + tuple(need), root)
+            if rec["id"] in seen:
+                raise ValueError(f"{where}: duplicate id {rec['id']!r}")
+        except (ValueError, FileNotFoundError) as e:
+            if not skip_bad:
+                raise
+            bad.append(str(e))
+            continue
+        seen.add(rec["id"])
+        records.append(rec)
+    if bad:
+        print(f"{path}: skipped {len(bad)} bad record(s) (--skip-bad); first: {bad[0]}")
+    return records

@@ -27,6 +27,7 @@ import time
 import torch
 from tqdm import tqdm
 
+import rewards
 from vlaa import checkpoints, training
 from vlaa.qwen import SYSTEM_PROMPT, collate, load_model, prompt_encoder, prompt_length, to_device
 from vlaa.records import load_records
@@ -59,6 +60,10 @@ p.add_argument("--save-every", type=int, default=500, help="write a resumable ch
 p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
 p.add_argument("--cache-size", type=int, default=2000,
                help="keep up to N encoded samples (image processed once) in memory; 0 = encode every time")
+p.add_argument("--eval-data", default=None, help="held-out records (with answer and verifier_type): greedy "
+               "accuracy per verifier type is logged to metrics.jsonl as eval/... (sharded over ranks)")
+p.add_argument("--eval-every", type=int, default=0, help="evaluate --eval-data every N steps and at the end (0: off)")
+p.add_argument("--eval-max-new-tokens", type=int, default=256, help="completion length for --eval-data")
 p.add_argument("--seed", type=int, default=0)
 
 
@@ -90,6 +95,11 @@ def token_loss_sum(model, batch):
 
 # ----------------------------------------------------------------------------------------------------
 # Training
+
+
+def score(text, record):
+    """A held-out answer is right by the rule 03, 05 and 06 use (rewards.is_correct of the mixed reward)."""
+    return rewards.is_correct(rewards.mixed_reward(text, record))
 
 
 def train_step(model, optimizer, params, batches, grad_clip, world, device):
@@ -139,6 +149,11 @@ def main(argv=None):
     per_epoch = len(records) // args.global_batch
     total_steps = args.max_steps or max(1, math.floor(args.epochs * per_epoch))
     encode = prompt_encoder(tokenizer, image_processor, system, args.cache_size, response=True)
+    warmup = training.warmup_updates(total_steps, args.warmup_ratio)
+    held_out = load_records(args.eval_data, args.fmt, args.image_root, need=("question", "answer", "verifier_type"))\
+        if args.eval_data else []
+    held_out = [r for r in held_out if r["verifier_type"] != "open"]  # open answers need a judge: not scored here
+    encode_prompt = prompt_encoder(tokenizer, image_processor, system, args.cache_size)
     if master:
         print(f"{len(records)} samples, {n_dropped} dropped as longer than {args.max_length} tokens; "
               f"{total_steps} steps of {args.global_batch} on {world} rank(s)")
@@ -155,7 +170,7 @@ def main(argv=None):
     bar = tqdm(range(start, total_steps), disable=not master, desc="sft", initial=start, total=total_steps)
     for step in bar:
         t0 = time.perf_counter()
-        lr = training.cosine_lr(step, total_steps, args.lr, int(args.warmup_ratio * total_steps), args.min_lr)
+        lr = training.cosine_lr(step, total_steps, args.lr, warmup, args.min_lr)  # one optimizer update a step
         training.set_lr(optimizer, lr)
         # this rank's share of the global batch, in micro-batches
         mine = training.step_indices(step, len(records), args.global_batch, args.seed)[rank::world]
@@ -169,6 +184,9 @@ def main(argv=None):
         rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                "tokens_per_s": float(seq_tokens) / dt, "samples_seen": (step + 1) * args.global_batch,
                "dropped_too_long": n_dropped}
+        if held_out and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
+            rec |= training.held_out_accuracy(model, tokenizer, encode_prompt, held_out, score, world, rank, device,
+                                              args.eval_max_new_tokens)
         if master:
             training.log_metrics(os.path.join(args.out, "metrics.jsonl"), rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")

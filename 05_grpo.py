@@ -66,6 +66,13 @@ p.add_argument("--temperature", type=float, default=0.8, help="sampling temperat
 p.add_argument("--top-p", type=float, default=1.0)
 p.add_argument("--max-new-tokens", type=int, default=1024, help="completion length cap (paper: not stated)")
 p.add_argument("--vllm-gpu-memory", type=float, default=0.3, help="vLLM gpu_memory_utilization per rank")
+p.add_argument("--vllm-is-cap", type=float, default=2.0,
+               help="--rollout vllm: cap of the truncated importance weight pi_trainer / pi_vllm that corrects "
+                    "the engine's sampling mismatch (TRL's vllm_importance_sampling_correction); 0: no "
+                    "correction (default: %(default)s, docs/vllm.md)")
+p.add_argument("--vllm-is-level", default="token", choices=["token", "sequence"],
+               help="--rollout vllm: the weight per token, or per completion (product of its token ratios) "
+                    "(default: %(default)s)")
 # objective
 p.add_argument("--train-batch", type=int, default=256, help="completions per optimizer update over all ranks "
                "(paper: 256, so a rollout of 512x4 gives 8 updates)")
@@ -78,9 +85,22 @@ p.add_argument("--kl-coef", type=float, default=1e-3, help="KL coefficient, k3 e
 p.add_argument("--kl-target", type=float, default=5e-4, help="adaptive KL target (paper KL2: 5e-4); 0 = fixed coef")
 p.add_argument("--kl-horizon", type=int, default=10000, help="adaptive KL horizon in samples (OpenRLHF default)")
 p.add_argument("--scale-rewards", default="group", choices=["group", "none"],
-               help="group: (r - mean) / std (GRPO); none: r - mean (Dr. GRPO)")
-p.add_argument("--loss-agg", default="token", choices=["token", "seq"],
-               help="token: mean over all tokens (DAPO); seq: mean per sequence, then over sequences (GRPO)")
+               help="group: (r - mean) / (std + 1e-4), GRPO; none: r - mean, Dr. GRPO (default: %(default)s)")
+p.add_argument("--loss-agg", default="seq", choices=["seq", "token", "dr_grpo"],
+               help="seq: each completion's token mean, then the mean over completions (the paper's OpenRLHF; TRL "
+                    "'grpo'); token: mean over all tokens (DAPO; TRL 'dapo'); dr_grpo: token sum / (completions x "
+                    "--max-new-tokens) (Dr. GRPO; TRL 'dr_grpo'). Normalisers count every rank's rows of one "
+                    "update (default: %(default)s)")
+p.add_argument("--importance-level", default="token", choices=["token", "sequence"],
+               help="token: a ratio per token (GRPO); sequence: one per completion, exp(mean token log-ratio) "
+                    "(GSPO; TRL importance_sampling_level; use with --loss-agg seq and a small clip such as "
+                    "--clip-low 3e-4 --clip-high 4e-4) (default: %(default)s)")
+p.add_argument("--dual-clip", type=float, default=0.0,
+               help="c > 1: for negative advantages the loss is capped at c x |A| (dual-clip PPO; verl's default "
+                    "is 3); 0: off, the paper's (default: %(default)s)")
+p.add_argument("--mask-truncated", action="store_true",
+               help="completions cut off by --max-new-tokens leave the loss (their rewards still shape the group's "
+                    "advantages; TRL mask_truncated_completions)")
 p.add_argument("--drop-uniform-groups", action="store_true",
                help="leave out groups whose rewards are all equal (DAPO's dynamic sampling, without resampling)")
 p.add_argument("--verifier-types", default="digit,mcq,math,iou,open",
@@ -107,6 +127,10 @@ p.add_argument("--log-rollouts-every", type=int, default=10, help="write sampled
 p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
 p.add_argument("--cache-size", type=int, default=2000, help="keep up to N encoded prompts (pixels and positions) "
                "in memory for later episodes; 0 = encode every time")
+p.add_argument("--eval-data", default=None, help="held-out records (with answer and verifier_type): greedy "
+               "accuracy per verifier type is logged to metrics.jsonl as eval/... (sharded over ranks)")
+p.add_argument("--eval-every", type=int, default=0, help="evaluate --eval-data every N steps and at the end (0: off)")
+p.add_argument("--eval-max-new-tokens", type=int, default=None, help="(default: --max-new-tokens)")
 p.add_argument("--seed", type=int, default=0)
 
 
@@ -116,7 +140,8 @@ p.add_argument("--seed", type=int, default=0)
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     """(r - group mean) / (group std + eps), or just r - mean with scale="none" (Dr. GRPO).
-    rewards: [N] = [prompts * G], grouped by prompt. A group whose rewards are all equal gets advantage 0."""
+    rewards: [N] = [prompts * G], grouped by prompt. A group whose rewards are all equal gets advantage 0,
+    and so does every sample when G = 1 (TRL's convention and eps; verl uses eps 1e-6: docs/grpo.md)."""
     r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)  # [prompts, G]
     adv = r - r.mean(1, keepdim=True)
     if scale == "group":
@@ -128,44 +153,95 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
 
 def kl_k3(logp, ref_logp):
     """Schulman's k3 estimator of KL(pi || ref) per token: exp(ref - logp) - (ref - logp) - 1 >= 0.
-    The log-ratio is clamped, as in verl and EasyR1, because exp() of a large gap overflows."""
+    Bounded as verl and EasyR1 bound it (core_algos.py kl_penalty "low_var_kl"): the log-ratio to
+    [-20, 20] so exp() cannot overflow, the value to 10, so one token far from the reference cannot swamp
+    the loss (without the cap, ref - logp = 20 contributes 4.9e8)."""
     d = (ref_logp - logp).clamp(-20, 20)
-    return torch.exp(d) - d - 1
+    return (torch.exp(d) - d - 1).clamp(max=10)
 
 
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_high=0.2, kl_coef=0.0,
-                loss_agg="token", normalizer=None):
-    """The clipped GRPO surrogate plus kl_coef * k3 KL, all [B, T] per-token tensors but advantages [B].
+                loss_agg="seq", normalizer=None, importance_level="token", dual_clip=0.0, is_weights=None):
+    """The clipped GRPO surrogate plus kl_coef * k3 KL. logp, old_logp, ref_logp, mask: [B, T] per token;
+    advantages: [B]. Returns (loss, stats dict of floats).
 
-    loss_agg "token": sum over every completion token / normalizer (default: their number);
-             "seq": per-sequence token mean, summed over sequences / normalizer (default: sequences).
-    A caller splitting a batch over micro-batches and ranks passes the global count as normalizer,
-    so the pieces add up to the loss of the whole batch. Returns (loss, stats dict of floats).
+    The paper's objective is the first five lines: ratio, clip, pessimistic min, KL, mean. Options, off by
+    default: importance_level="sequence" (GSPO: one ratio per completion), dual_clip=c (for negative
+    advantages the loss is capped at c * |A|), is_weights (the rollout engine's sampling mismatch). A caller
+    splitting a batch over micro-batches and ranks passes the global count as normalizer (loss_normalizer),
+    so the pieces add up to the loss of the whole batch.
     """
     mask = mask.float()
-    log_ratio = (logp - old_logp).clamp(-20, 20)  # clamped like verl and EasyR1: exp() must not overflow
-    ratio = torch.exp(log_ratio)  # [B, T]
+    ratio = importance_ratio(logp, old_logp, mask, importance_level)  # [B, T], or [B, 1] per sequence
     adv = advantages.unsqueeze(1)  # [B, 1]: one advantage for every token of a completion
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
-    per_token = -torch.min(unclipped, clipped)  # [B, T]
+    per_token = -torch.min(unclipped, clipped)  # [B, T] (or [B, 1])
+    if dual_clip:
+        per_token = torch.where(adv < 0, torch.min(per_token, -dual_clip * adv), per_token)  # verl's clip_ratio_c
+    if is_weights is not None:
+        per_token = per_token * is_weights  # truncated importance sampling: trainer vs rollout engine
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
     if kl_coef:
-        per_token = per_token + kl_coef * kl
-    n_tok = mask.sum()
-    if loss_agg == "token":
-        loss = (per_token * mask).sum() / (normalizer if normalizer is not None else n_tok.clamp(min=1))
-    elif loss_agg == "seq":
-        per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B]; an empty row adds 0
-        loss = per_seq.sum() / (normalizer if normalizer is not None else max(1, int((mask.sum(1) > 0).sum())))
-    else:
-        raise ValueError(f"loss_agg must be 'token' or 'seq', not {loss_agg!r}")
+        per_token = per_token + kl_coef * kl  # [B, T]: KL takes the same aggregation (TRL, verl, EasyR1)
+    loss = aggregate(per_token * mask, mask, loss_agg, normalizer)
     with torch.no_grad():
-        is_clipped = (clipped < unclipped).float()  # the clipped term is the one min() picks
-        denom = n_tok.clamp(min=1)
+        is_clipped = (clipped < unclipped).float().expand_as(mask)  # the clipped term is the one min() picks
+        denom = mask.sum().clamp(min=1)
         stats = {"clip_frac": float((is_clipped * mask).sum() / denom), "kl": float((kl * mask).sum() / denom),
-                 "ratio": float((ratio * mask).sum() / denom), "tokens": float(n_tok)}
+                 "ratio": float((ratio.expand_as(mask) * mask).sum() / denom), "tokens": float(mask.sum())}
     return loss, stats
+
+
+def importance_ratio(logp, old_logp, mask, level="token"):
+    """pi / pi_old per token, or per sequence (GSPO; TRL importance_sampling_level="sequence"): exp of the
+    mean token log-ratio of the completion, one number for all its tokens. Log-ratios are clamped to
+    [-20, 20] like verl and EasyR1: exp() must not overflow."""
+    log_ratio = logp - old_logp  # [B, T]
+    if level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1)).unsqueeze(1)  # [B, 1]
+    elif level != "token":
+        raise ValueError(f"importance_level must be 'token' or 'sequence', not {level!r}")
+    return torch.exp(log_ratio.clamp(-20, 20))
+
+
+def aggregate(masked_loss, mask, loss_agg, normalizer=None):
+    """Per-token losses [B, T] (already masked) -> one number. The three conventions:
+    seq      each completion's token mean, then the mean over completions (the paper's OpenRLHF; TRL "grpo")
+    token    sum over all completion tokens / their number (TRL "dapo"/"bnpo", DAPO)
+    dr_grpo  sum over all completion tokens / (completions x max_new_tokens) (TRL "dr_grpo", Dr. GRPO):
+             a constant, so long and short answers weigh per token the same
+    normalizer: the count to divide by (see loss_normalizer); default: this batch's own."""
+    if loss_agg == "seq":
+        per_seq = masked_loss.sum(1) / mask.sum(1).clamp(min=1)  # [B]; an empty row adds 0
+        return per_seq.sum() / (normalizer if normalizer is not None else (mask.sum(1) > 0).sum().clamp(min=1))
+    if loss_agg == "token":
+        return masked_loss.sum() / (normalizer if normalizer is not None else mask.sum().clamp(min=1))
+    if loss_agg == "dr_grpo":
+        return masked_loss.sum() / (normalizer if normalizer is not None else mask.numel())
+    raise ValueError(f"loss_agg must be 'seq', 'token' or 'dr_grpo', not {loss_agg!r}")
+
+
+def loss_normalizer(mask, loss_agg, max_new_tokens):
+    """What `aggregate` divides by, for the rows of one optimizer update on this rank ([rows, T] mask);
+    summed over ranks by the caller: completions with any token left (seq; empty rows are out, as in verl),
+    tokens (token), all completions x max_new_tokens (dr_grpo)."""
+    if loss_agg == "seq":
+        return (mask.sum(1) > 0).float().sum()
+    if loss_agg == "token":
+        return mask.sum()
+    return torch.tensor(float(mask.shape[0] * max_new_tokens))
+
+
+def truncated_is_weights(old_logp, sampler_logp, mask, cap=2.0, level="token"):
+    """Truncated importance sampling for a rollout engine whose sampling distribution differs from the
+    trainer's (vLLM: other kernels, precision, batching): weight = pi_trainer / pi_engine, capped at `cap`,
+    per token, or per completion as the product of its token ratios (TRL vllm_importance_sampling_mode
+    "token_truncate" / "sequence_truncate"). No gradient flows through it. -> [B, T] or [B, 1]"""
+    diff = (old_logp - sampler_logp) * mask  # [B, T]
+    if level == "sequence":
+        diff = diff.sum(1, keepdim=True)  # [B, 1]
+    return torch.exp(diff.clamp(max=20)).clamp(max=cap).detach()
 
 
 def adaptive_kl_coef(coef, kl, target, n_samples, horizon):
@@ -288,35 +364,45 @@ def group_stats(rewards_t, texts, group_size):
             "distinct_per_group": sum(distinct) / len(distinct)}
 
 
-def update_policy(model, optimizer, params, minibatch, micro_batches, batches, comp, comp_mask, keep, adv,
-                  old_logp, ref_logp, kl_coef, args, vision_ids, world, device):
-    """One optimizer update on a mini-batch of completion rows: the loss of each micro-batch is normalised by
-    the mini-batch's GLOBAL token (or sequence) count, so the gradient is that of the whole mini-batch over
-    all ranks. Returns (per-micro-batch stats, entropy sum, token count, gradient norm)."""
-    mask_mb = comp_mask[minibatch].float() * keep[minibatch].unsqueeze(1)  # [rows, T]
-    count = mask_mb.sum() if args.loss_agg == "token" else (mask_mb.sum(1) > 0).float().sum()
+def update_policy(model, optimizer, params, micro_batches, batches, comp, loss_mask, adv, old_logp, ref_logp,
+                  is_weights, kl_coef, args, vision_ids, world, device):
+    """One optimizer update on a mini-batch of completion rows (its micro-batches). Each micro-batch's loss is
+    divided by the mini-batch's GLOBAL count (loss_normalizer summed over ranks), so the gradient is that of
+    the whole mini-batch on all ranks. Returns (per-micro-batch stats, entropy sum, token count, grad norm)."""
+    rows_all = [r for key in micro_batches for r in key]
+    count = loss_normalizer(loss_mask[rows_all], args.loss_agg, args.max_new_tokens)
     normalizer = training.global_sum(count.to(device), world, device).clamp(min=1)
     stats, ent_sum, ent_n = [], 0.0, 0.0
     for i, key in enumerate(micro_batches):
-        training.gradient_sync(model, i == len(micro_batches) - 1)
+        training.gradient_sync(model, i == len(micro_batches) - 1)  # FSDP2: reduce on the last one only
         b, width = batches[key]
         rows = list(key)
         with training.autocast(device):
             logp, ent = token_logprobs(model, b, width, comp[rows], args.temperature, vision_ids, with_entropy=True)
-        m = (comp_mask[rows].float() * keep[rows].unsqueeze(1)).to(device)  # [b, T]
+        m = loss_mask[rows].to(device)  # [b, T]
         loss, st = policy_loss(
             logp.float(), old_logp=old_logp[rows].to(device) if old_logp is not None else logp.detach(),
-            ref_logp=ref_logp[rows].to(device) if ref_logp is not None else None,
-            advantages=adv[rows].to(device), mask=m, clip_low=args.clip_low, clip_high=args.clip_high,
-            kl_coef=kl_coef, loss_agg=args.loss_agg, normalizer=normalizer)
+            ref_logp=ref_logp[rows].to(device) if ref_logp is not None else None, advantages=adv[rows].to(device),
+            mask=m, clip_low=args.clip_low, clip_high=args.clip_high, kl_coef=kl_coef, loss_agg=args.loss_agg,
+            normalizer=normalizer, importance_level=args.importance_level, dual_clip=args.dual_clip,
+            is_weights=is_weights[rows].to(device) if is_weights is not None else None)
         (loss * world).backward()  # FSDP2 averages gradients over ranks; the normaliser is already global
         stats.append(st)
-        ent_sum += float((ent * comp_mask[rows].to(device)).sum())
-        ent_n += float(comp_mask[rows].sum())
+        ent_sum += float((ent * m).sum())
+        ent_n += float(m.sum())
     grad_norm = training.clip_grad_norm(params, args.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return stats, ent_sum, ent_n, grad_norm
+
+
+def mismatch_stats(old_logp, sampler_logp, mask, is_weights):
+    """How far the rollout engine's log-probs are from the trainer's on the sampled tokens (vLLM only)."""
+    diff = (old_logp - sampler_logp).abs() * mask
+    w = is_weights.expand_as(mask)[mask > 0]
+    means = {"vllm/logp_diff_mean": float(diff.sum() / mask.sum().clamp(min=1)),
+             "vllm/is_weight_mean": float(w.mean()) if len(w) else 1.0}
+    return means, {"vllm/logp_diff_max": float(diff.max())}
 
 
 def main(argv=None):
@@ -352,6 +438,7 @@ def main(argv=None):
         ref = training.shard_model(load_model(args.model, "float32", ref_device)[0].eval().requires_grad_(False),
                                    device, world, cpu_offload=args.ref_offload)
     pad_id, vision_ids = tokenizer.pad_token_id, vision_token_ids(model.config)
+    eos_ids = torch.tensor(model.generation_config.eos_token_id).flatten()  # one id or several
     rm = rewards.RewardModel.from_pretrained(args.reward_model, device=str(device), offload=True,
                                              trust_remote_code=args.trust_remote_code) if args.reward_model else None
 
@@ -361,15 +448,19 @@ def main(argv=None):
     records = load_rl_records(args.data, args.fmt, args.image_root, types, rm is not None, master)
     if len(records) < args.rollout_batch:
         raise SystemExit(f"{args.data}: {len(records)} usable prompts, fewer than --rollout-batch {args.rollout_batch}")
+    held_out = load_rl_records(args.eval_data, args.fmt, args.image_root, types, rm is not None, master) \
+        if args.eval_data else []
     encode = prompt_encoder(tokenizer, image_processor, system, args.cache_size, model=model)
     total_steps = args.max_steps or max(1, int(args.episodes * (len(records) // args.rollout_batch)))
-    warmup = int(args.warmup_ratio * total_steps)
+    updates_per_step = rows_per_rank // train_rows * args.ppo_epochs
+    total_updates = total_steps * updates_per_step  # the LR schedule's length: one point per optimizer update
+    warmup = training.warmup_updates(total_updates, args.warmup_ratio)
 
     start, kl_coef = 0, args.kl_coef
     ckpt = checkpoints.latest_checkpoint(args.out) if args.resume else None
     if ckpt:
         state = checkpoints.load_checkpoint(ckpt, model, optimizer, rank)
-        start, kl_coef = state["step"], state["kl_coef"]
+        start, kl_coef = state["step"], state.get("kl_coef", args.kl_coef)  # an 04 checkpoint has no kl_coef
         if master:
             print(f"resumed from {ckpt} at step {start}")
     elif master:
@@ -378,11 +469,12 @@ def main(argv=None):
                 os.remove(os.path.join(args.out, f))
     if master:
         print(f"{len(records)} prompts; {total_steps} steps of {args.rollout_batch} prompts x {args.group_size} "
-              f"on {world} rank(s); {rows_per_rank // train_rows} update(s) per step per epoch")
+              f"on {world} rank(s); {updates_per_step} update(s) per step, {total_updates} in all")
+
+    def score(text, record):  # "right" for held-out accuracy: the one rule 03 and 06 use too
+        return rewards.is_correct(rewards.mixed_reward(text, record, rm=rm))
 
     for step in tqdm(range(start, total_steps), disable=not master, desc="grpo", initial=start, total=total_steps):
-        lr = training.cosine_lr(step, total_steps, args.lr, warmup, args.min_lr)
-        training.set_lr(optimizer, lr)
         chosen = training.step_indices(step, len(records), args.rollout_batch, args.seed)[rank::world]
         step_records = [records[i] for i in chosen]
         samples = [r for r in step_records for _ in range(args.group_size)]  # one per completion row
@@ -392,33 +484,36 @@ def main(argv=None):
         # reused by generate and by the reference, old and policy forwards of all G completions
         t0 = time.perf_counter()
         features = None if args.train_vision else image_features(model, prompts)
+        sampler_logp = None
         if llm is not None:
             colocate.push_weights_to_vllm(llm, model, skip_vision=not args.train_vision)
-            comp, comp_mask = colocate.rollout_vllm(llm, step_records, args.group_size, args, tokenizer, system,
-                                                    vision_ids)
+            comp, comp_mask, sampler_logp = colocate.rollout_vllm(llm, step_records, args.group_size, args,
+                                                                  tokenizer, system, vision_ids)
         else:
             comp, comp_mask = rollout_hf(model, prompts, args.group_size, args, pad_id, features)
         comp, comp_mask = comp.cpu(), comp_mask.cpu()  # [N, T], N = this rank's prompts * G
         texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
+        truncated = ~torch.isin(comp, eos_ids).any(1)  # [N]: cut off by --max-new-tokens, no EOS
         t1 = time.perf_counter()
 
-        # 2. rewards -> group-normalised advantages
+        # 2. rewards -> group-normalised advantages; the loss mask (what takes part in the loss)
         rw, rstats = rewards.score_batch(texts, samples, rm=rm, format_weight=args.format_weight,
                                          beta=args.open_beta)
         rw = torch.tensor(rw, dtype=torch.float32)  # [N]
         adv = group_advantages(rw, args.group_size, args.scale_rewards)  # [N]
-        keep = torch.ones_like(rw)  # [N]
+        loss_mask = comp_mask.float()  # [N, T]
         if args.drop_uniform_groups:  # uniform groups carry no signal: out of the loss and its normaliser
-            keep = (rw.view(-1, args.group_size).std(1) > 0).float().repeat_interleave(args.group_size)
+            loss_mask *= (rw.view(-1, args.group_size).std(1) > 0).float().repeat_interleave(args.group_size)[:, None]
+        if args.mask_truncated:
+            loss_mask *= (~truncated).float()[:, None]
         t2 = time.perf_counter()
 
         # 3. mini-batches (one optimizer update each) of micro-batches, built once; reference and old log-probs
         order = torch.randperm(len(rw)).tolist()  # mini-batches mix prompts
         minibatches = [order[i:i + train_rows] for i in range(0, len(order), train_rows)]
-        micro = {tuple(mb): [tuple(mb[i:i + args.micro_batch]) for i in range(0, len(mb), args.micro_batch)]
-                 for mb in minibatches}
+        micro = [[tuple(mb[i:i + args.micro_batch]) for i in range(0, len(mb), args.micro_batch)] for mb in minibatches]
         batches = {rows: sequence_batch(prompts, list(rows), args.group_size, comp, comp_mask, pad_id, features)
-                   for chunks in micro.values() for rows in chunks}
+                   for chunks in micro for rows in chunks}
         ref_logp = None
         if use_ref:
             swap = args.ref_offload and world == 1  # sharded, FSDP2's CPU offload moves the shards itself
@@ -427,39 +522,57 @@ def main(argv=None):
             ref_logp = frozen_logprobs(ref, batches, comp, args.temperature, vision_ids)
             if swap:
                 ref.to("cpu")
-        off_policy = args.ppo_epochs > 1 or len(minibatches) > 1  # later updates see an older policy
-        old_logp = frozen_logprobs(model, batches, comp, args.temperature, vision_ids) if off_policy else None
+        # the trainer's own log-probs before any update: needed when later updates see an older policy, and
+        # to weigh the vLLM engine's samples by how far its sampling is from ours
+        is_weights = None
+        off_policy = args.ppo_epochs > 1 or len(minibatches) > 1
+        old_logp = frozen_logprobs(model, batches, comp, args.temperature, vision_ids) \
+            if off_policy or sampler_logp is not None else None
+        if sampler_logp is not None and args.vllm_is_cap > 0:
+            is_weights = truncated_is_weights(old_logp, sampler_logp, comp_mask.float(), args.vllm_is_cap,
+                                              args.vllm_is_level)
 
-        # 4. policy updates
-        step_stats, ent_sum, ent_n = [], 0.0, 0.0
-        for _ in range(args.ppo_epochs):
-            for mb in minibatches:
+        # 4. policy updates, each at its own point of the LR schedule
+        step_stats, ent_sum, ent_n, lrs = [], 0.0, 0.0, []
+        for epoch in range(args.ppo_epochs):
+            for k, chunks in enumerate(micro):
+                update = step * updates_per_step + epoch * len(micro) + k
+                lrs.append(training.cosine_lr(update, total_updates, args.lr, warmup, args.min_lr))
+                training.set_lr(optimizer, lrs[-1])
                 st, es, en, grad_norm = update_policy(
-                    model, optimizer, params, minibatch=mb, micro_batches=micro[tuple(mb)], batches=batches,
-                    comp=comp, comp_mask=comp_mask, keep=keep, adv=adv, old_logp=old_logp, ref_logp=ref_logp,
-                    kl_coef=kl_coef, args=args, vision_ids=vision_ids, world=world, device=device)
+                    model, optimizer, params, micro_batches=chunks, batches=batches, comp=comp, loss_mask=loss_mask,
+                    adv=adv, old_logp=old_logp, ref_logp=ref_logp, is_weights=is_weights, kl_coef=kl_coef,
+                    args=args, vision_ids=vision_ids, world=world, device=device)
                 step_stats += st
                 ent_sum, ent_n = ent_sum + es, ent_n + en
         t3 = time.perf_counter()
 
-        # 5. bookkeeping: adaptive KL, metrics, sampled rollouts, checkpoints
+        # 5. bookkeeping: adaptive KL, metrics, sampled rollouts, held-out accuracy, checkpoints
         tok = sum(s["tokens"] for s in step_stats) or 1.0
         mean_of = lambda k: sum(s[k] * s["tokens"] for s in step_stats) / tok  # noqa: E731
-        lengths = comp_mask.sum(1).float()
         means = {"reward": float(rw.mean()), "accuracy": float(rewards.is_correct(rw).float().mean()),
                  "adv_abs": float(adv.abs().mean()), "adv_std": float(adv.std()) if len(adv) > 1 else 0.0,
                  "kl": mean_of("kl"), "clip_frac": mean_of("clip_frac"), "ratio": mean_of("ratio"),
-                 "entropy": ent_sum / max(ent_n, 1.0), "completion_len": float(lengths.mean()),
+                 "entropy": ent_sum / max(ent_n, 1.0), "completion_len": float(comp_mask.sum(1).float().mean()),
+                 "truncated_share": float(truncated.float().mean()),
                  "aha_share": sum(has_aha(t) for t in texts) / len(texts),
-                 "no_answer_share": rstats.pop("no_answer") / len(texts),
-                 "grad_norm": grad_norm, "time_generate": t1 - t0, "time_score": t2 - t1,
-                 "time_train": t3 - t2, **group_stats(rw, texts, args.group_size)}
-        metrics = training.reduce_metrics(means, rstats, world, device)
+                 "no_answer_share": rstats.pop("no_answer") / len(texts), "grad_norm": grad_norm,
+                 "time_generate": t1 - t0, "time_score": t2 - t1, "time_train": t3 - t2,
+                 **group_stats(rw, texts, args.group_size)}
+        maxes = {}
+        if sampler_logp is not None:
+            mm, maxes = mismatch_stats(old_logp, sampler_logp, comp_mask.float(),
+                                       is_weights if is_weights is not None else torch.ones(len(rw), 1))
+            means |= mm
+        metrics = training.reduce_metrics(means, rstats, world, device, maxes)
         metrics |= rewards.per_type_rewards(metrics)
         if use_ref and args.kl_target > 0:
             kl_coef = adaptive_kl_coef(kl_coef, metrics["kl"], args.kl_target, args.rollout_batch * args.group_size,
                                        args.kl_horizon)
-        metrics = {"step": step + 1, "lr": lr, "kl_coef": kl_coef, **metrics}
+        if held_out and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
+            metrics |= training.held_out_accuracy(model, tokenizer, encode, held_out, score, world, rank, device,
+                                                  args.eval_max_new_tokens or args.max_new_tokens)
+        metrics = {"step": step + 1, "lr": lrs[0], "lr_last": lrs[-1], "kl_coef": kl_coef, **metrics}
         if master:
             training.log_metrics(os.path.join(args.out, "metrics.jsonl"), metrics)
             tqdm.write(f"step {step + 1:4d} | reward {metrics['reward']:.3f} | acc {metrics['accuracy']:.2f} | "

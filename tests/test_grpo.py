@@ -48,6 +48,12 @@ def test_kl_k3_by_hand():
     assert torch.isfinite(grpo.kl_k3(torch.tensor([-200.0]), torch.tensor([0.0]))).all()  # clamped, no inf
 
 
+def test_kl_k3_is_capped_at_10_like_verl():
+    # ref - logp = 20: exp(20) - 21 = 4.9e8 uncapped; 2 is still below the cap (e^2 - 3 = 4.389)
+    k3 = grpo.kl_k3(torch.tensor([-20.0, -2.0]), torch.tensor([0.0, 0.0]))
+    assert torch.allclose(k3, torch.tensor([10.0, 4.389056]), atol=1e-5)
+
+
 def one_token(ratio, adv, **kw):
     logp = torch.log(torch.tensor([[ratio]]))
     loss, stats = grpo.policy_loss(logp, torch.zeros(1, 1), None, torch.tensor([adv]), torch.ones(1, 1), **kw)
@@ -99,6 +105,74 @@ def test_kl_term_is_added_with_its_coefficient():
     loss, stats = grpo.policy_loss(logp, logp.detach(), ref, torch.tensor([0.0]), torch.ones(1, 1), kl_coef=0.1)
     assert loss.item() == pytest.approx(0.1 * (0.5 + 0.693147 - 1), abs=1e-6)
     assert stats["kl"] == pytest.approx(0.5 + 0.693147 - 1, abs=1e-6)
+
+
+# ---- the loss modes, by hand ----------------------------------------------------------------------
+
+
+def test_loss_aggregations_with_global_normalisers():
+    # two completions: 3 tokens with loss 1 each (advantage -1), 1 token with loss -2 (advantage 2); on-policy
+    logp = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1, 1], [1, 0, 0]])
+    adv = torch.tensor([-1.0, 2.0])
+    loss = lambda agg, **kw: grpo.policy_loss(logp, logp, None, adv, mask, loss_agg=agg, **kw)[0].item()  # noqa: E731
+    assert loss("seq") == pytest.approx((1 + -2) / 2)  # each completion's mean, then their mean
+    assert loss("token") == pytest.approx((3 - 2) / 4)  # every token weighs the same
+    assert loss("dr_grpo", normalizer=2 * 8) == pytest.approx((3 - 2) / 16)  # 2 completions x max_new_tokens 8
+    # the normaliser a caller sums over ranks, for each mode
+    assert grpo.loss_normalizer(mask, "seq", 8).item() == 2
+    assert grpo.loss_normalizer(mask, "token", 8).item() == 4
+    assert grpo.loss_normalizer(mask, "dr_grpo", 8).item() == 16
+    # a micro-batch split with the global normaliser adds up to the whole batch
+    halves = sum(grpo.policy_loss(logp[i:i + 1], logp[i:i + 1], None, adv[i:i + 1], mask[i:i + 1], loss_agg="seq",
+                                  normalizer=2)[0].item() for i in range(2))
+    assert halves == pytest.approx(loss("seq"))
+
+
+def test_gspo_uses_one_clipped_ratio_per_completion():
+    # token log-ratios 0.2 and 0.4: the sequence ratio is exp(0.3) = 1.3499, clipped at 1.2 for A > 0
+    logp, old = torch.tensor([[0.2, 0.4]]), torch.zeros(1, 2)
+    loss, stats = grpo.policy_loss(logp, old, None, torch.tensor([1.0]), torch.ones(1, 2), importance_level="sequence")
+    assert loss.item() == pytest.approx(-1.2) and stats["clip_frac"] == 1.0
+    assert stats["ratio"] == pytest.approx(1.349859, abs=1e-5)
+    # per token, the first token (ratio 1.2214) is clipped too, but not at the same value
+    token, _ = grpo.policy_loss(logp, old, None, torch.tensor([1.0]), torch.ones(1, 2), clip_high=0.25)
+    assert token.item() == pytest.approx(-(1.221403 + 1.25) / 2, abs=1e-5)
+
+
+@pytest.mark.parametrize("ratio, adv, expected", [
+    (5.0, -1.0, 3.0),    # negative advantage, ratio far above 1: PPO's loss 5 is capped at c |A| = 3
+    (2.0, -1.0, 2.0),    # below c: unchanged
+    (0.5, -1.0, 0.8),    # below 1 - clip: PPO's clipped value, unchanged
+    (5.0, 1.0, -1.2),    # positive advantage: dual clip does nothing
+])
+def test_dual_clip_caps_the_loss_of_negative_advantages(ratio, adv, expected):
+    assert one_token(ratio, adv, dual_clip=3.0)[0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_truncated_importance_weights_by_hand():
+    old = torch.log(torch.tensor([[0.5, 0.9, 0.2]]))  # the trainer's probabilities of the sampled tokens
+    vllm = torch.log(torch.tensor([[0.4, 0.3, 0.2]]))  # the engine's
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    w = grpo.truncated_is_weights(old, vllm, mask, cap=2.0)
+    assert torch.allclose(w, torch.tensor([[1.25, 2.0, 1.0]]))  # 0.9 / 0.3 = 3 is capped at 2; masked -> 1
+    seq = grpo.truncated_is_weights(old, vllm, mask, cap=10.0, level="sequence")
+    assert torch.allclose(seq, torch.tensor([[3.75]]))  # the product 1.25 x 3
+    # in the loss the weight multiplies the policy term, not the KL
+    logp = torch.zeros(1, 3)
+    loss, _ = grpo.policy_loss(logp, logp, None, torch.tensor([1.0]), mask, loss_agg="token", is_weights=w)
+    assert loss.item() == pytest.approx(-(1.25 + 2.0) / 2)
+
+
+def test_truncated_completions_leave_the_loss_and_its_normaliser():
+    eos = 2
+    comp = torch.tensor([[5, 6, eos], [5, 6, 7]])  # the second hit max_new_tokens without EOS
+    truncated = ~torch.isin(comp, torch.tensor([eos])).any(1)
+    mask = torch.ones(2, 3) * (~truncated).float()[:, None]
+    assert truncated.tolist() == [False, True] and grpo.loss_normalizer(mask, "token", 3).item() == 3
+    logp = torch.zeros(2, 3)
+    loss, _ = grpo.policy_loss(logp, logp, None, torch.tensor([1.0, -5.0]), mask, loss_agg="seq")
+    assert loss.item() == pytest.approx(-1.0)  # only the finished completion counts
 
 
 def test_adaptive_kl_moves_toward_the_target():
@@ -163,15 +237,28 @@ def grpo_args(model, data, out, *extra):
             "--lr", "1e-3", "--min-lr", "1e-3", "--warmup-ratio", "0", *map(str, extra)]
 
 
-def test_two_ranks_under_torchrun(tmp_path, tiny_model_dir, colour_data):
-    args = grpo_args(tiny_model_dir, colour_data, tmp_path / "run", "--max-steps", 3, "--kl-coef", 0.01)
-    args[args.index("--rollout-batch") + 1] = "8"  # 4 prompts per rank
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory):
+    """Every rule-based verifier type in one file (count: digit, colour: mcq, sum: math, box: iou), and a
+    held-out test file: the paper's mix, so ranks see different types in one step."""
+    out = str(tmp_path_factory.mktemp("mixed"))
+    toy.make_data(out, n=64, test_n=12, seed=0, kinds="colour,count,sum,box")
+    return os.path.join(out, "train.jsonl")
+
+
+def test_two_ranks_with_mixed_verifier_types_under_torchrun(tmp_path, tiny_model_dir, mixed_data):
+    args = grpo_args(tiny_model_dir, mixed_data, tmp_path / "run", "--max-steps", 3, "--kl-coef", 0.01)
+    args[args.index("--rollout-batch") + 1] = "8"  # 4 prompts per rank, of different types on the two ranks
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "05_grpo.py", *args],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [m["step"] for m in lines] == [1, 2, 3]
-    assert all(m["count/mcq"] == 32 for m in lines)  # 8 prompts x 4 samples, summed over the 2 ranks
+    for m in lines:  # per-type counts over both ranks add up to the step's 8 prompts x 4 samples
+        counts = {t: m[f"count/{t}"] for t in ("digit", "mcq", "math", "iou", "open")}
+        assert sum(counts.values()) == 32 and sum(c > 0 for c in counts.values()) >= 2, counts
+        for t, c in counts.items():  # each type's mean reward is its reward sum over its count, on both ranks
+            assert (f"reward/{t}" in m) == (c > 0) and m[f"reward_sum/{t}"] <= c
     from transformers import AutoModelForImageTextToText
 
     AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "model")  # the gathered export loads
@@ -241,3 +328,69 @@ def test_rollout_with_precomputed_vision_features_samples_the_same(tiny):
     with_features = grpo.rollout_hf(model, prompts, 3, args, tok.pad_token_id, grpo.image_features(model, prompts))
     model.eval()
     assert torch.equal(with_pixels[0], with_features[0]) and torch.equal(with_pixels[1], with_features[1])
+
+
+def test_rollouts_ignore_the_checkpoints_generation_config(tiny_model_dir, tmp_path):
+    """Instruct checkpoints ship sampling settings in generation_config.json; generate() would apply them. A
+    checkpoint with repetition_penalty 1.3, top_k 1 and temperature 0.1 still samples softmax(logits / T): the
+    loss's log-probs equal the sampler's to 1e-5."""
+    import shutil
+
+    quirky = tmp_path / "quirky"
+    shutil.copytree(tiny_model_dir, quirky)
+    config = json.loads((quirky / "generation_config.json").read_text())
+    config.update(repetition_penalty=1.3, top_k=1, temperature=0.1, top_p=0.5, do_sample=True)
+    (quirky / "generation_config.json").write_text(json.dumps(config))
+    model, tok, ip = qwen.load_model(str(quirky), "float32", "cpu")
+    assert model.generation_config.repetition_penalty == 1.3  # the quirk is really there
+    solid_image(56).save(tmp_path / "a.png")
+    encode = qwen.prompt_encoder(tok, ip, qwen.SYSTEM_PROMPT, model=model)
+    prompts = [encode({"id": q, "question": q, "image": str(tmp_path / "a.png")}) for q in ("What colour?", "hi")]
+    G, T = 4, 1.0
+    torch.manual_seed(0)
+    comp, mask, sampler = qwen.sample_completions(model.eval(), qwen.repeat_batch(qwen.collate(prompts, 0), G), 16,
+                                                  temperature=T, pad_id=tok.pad_token_id, return_logprobs=True)
+    b, width = grpo.sequence_batch(prompts, list(range(len(comp))), G, comp, mask, tok.pad_token_id)
+    with torch.no_grad():
+        logp, _ = grpo.token_logprobs(model, b, width, comp, T, qwen.vision_token_ids(model.config))
+    assert ((logp - sampler).abs() * mask).max() < 1e-5
+    assert len({tuple(c) for c in comp.tolist()}) > 2  # sampled at T 1, not top_k 1's one answer per prompt
+
+
+def test_lr_schedule_has_one_point_per_optimizer_update(tmp_path, tiny_model_dir, colour_data, monkeypatch):
+    lrs = []
+    set_lr = grpo.training.set_lr
+    monkeypatch.setattr(grpo.training, "set_lr", lambda opt, lr: lrs.append(lr) or set_lr(opt, lr))
+    # 4 prompts x 4 samples, 8 per update: 2 updates a step, 6 in 3 steps; warmup ceil(0.3 x 6) = 2 updates
+    args = grpo_args(tiny_model_dir, colour_data, tmp_path / "run", "--max-steps", 3, "--kl-coef", 0,
+                     "--warmup-ratio", 0.3, "--min-lr", 1e-4)
+    args[args.index("--train-batch") + 1] = "8"
+    grpo.main(args)
+    assert len(lrs) == 6
+    assert lrs[:3] == pytest.approx([0.0, 0.5e-3, 1e-3])  # from 0, below the peak until warmup ends
+    assert lrs[2:] == sorted(lrs[2:], reverse=True) and lrs[-1] > 1e-4  # cosine down toward the floor
+    metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [m["lr"] for m in metrics] == pytest.approx(lrs[::2])  # each step logs its first and last update's
+    assert [m["lr_last"] for m in metrics] == pytest.approx(lrs[1::2])
+
+
+def test_reward_model_scores_open_samples_end_to_end(tmp_path, tiny_model_dir, tiny_rm_dir):
+    data = tmp_path / "data"
+    toy.make_data(str(data), n=16, test_n=0, seed=0, kinds="shapes,colour")  # shapes: open-ended answers
+    args = grpo_args(tiny_model_dir, str(data / "train.jsonl"), tmp_path / "run", "--max-steps", 2, "--kl-coef", 0,
+                     "--reward-model", tiny_rm_dir)
+    grpo.main(args)
+    metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert sum(m["count/open"] for m in metrics) > 0
+    assert all(0.0 <= m["reward"] <= 1.0 for m in metrics)
+
+
+def test_held_out_accuracy_is_logged_during_training(tmp_path, tiny_model_dir, mixed_data):
+    test = os.path.join(os.path.dirname(mixed_data), "test.jsonl")
+    args = grpo_args(tiny_model_dir, mixed_data, tmp_path / "run", "--max-steps", 2, "--kl-coef", 0,
+                     "--eval-data", test, "--eval-every", 1, "--eval-max-new-tokens", 8)
+    grpo.main(args)
+    metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert all(0.0 <= m["eval/accuracy"] <= 1.0 for m in metrics)
+    assert {k for k in metrics[0] if k.startswith("eval/accuracy/")} == \
+        {f"eval/accuracy/{t}" for t in ("digit", "mcq", "math", "iou")}

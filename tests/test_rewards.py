@@ -354,29 +354,6 @@ def test_every_reward_stays_in_0_1(math_helper):
 
 # ---------------------------------------------------------------------------------------------- reward models
 
-@pytest.fixture(scope="module")
-def tiny_rm_dir(tmp_path_factory):
-    """A random Qwen2 sequence-classification reward model with a byte-level BPE tokenizer, built offline."""
-    torch = pytest.importorskip("torch")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForSequenceClassification
-    torch.set_num_threads(1)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["What does the sign say?", "The store opens at nine.", "I cannot tell."], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id, max_position_embeddings=128)
-    path = tmp_path_factory.mktemp("tiny_rm")
-    Qwen2ForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def test_hf_reward_model_scores_a_batch_and_offloading_changes_nothing(tiny_rm_dir):
     questions = ["What does the sign say?"] * 3
     answers = ["The store opens at nine.", "I cannot tell.", "nine"]

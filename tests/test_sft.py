@@ -68,14 +68,30 @@ def test_token_loss_is_normalised_over_answer_tokens(tiny):
 
 
 def test_two_ranks_give_the_same_loss_curve_as_one(tmp_path, tiny_model_dir):
+    import toy
+
     data = colour_sft_data(str(tmp_path / "d"))
+    toy.make_data(str(tmp_path / "held"), n=0, test_n=9, seed=1, kinds="colour,count,box")  # mixed types
     common = ["--model", tiny_model_dir, "--data", data, "--global-batch", 16, "--micro-batch", 4, "--lr", 2e-3,
-              "--max-steps", 4]
+              "--max-steps", 4, "--eval-data", tmp_path / "held" / "test.jsonl", "--eval-every", 2,
+              "--eval-max-new-tokens", 4]
     run_sft(*common, "--out", tmp_path / "one")
     run_sft(*common, "--out", tmp_path / "two", nproc=2)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == 4 and one[-1] < one[0]
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-4
+    # held-out accuracy, sharded over the ranks (5 and 4 records, of different types), equals one process'
+    evals = [[{k: v for k, v in json.loads(line).items() if k.startswith("eval/")}
+              for line in open(tmp_path / run / "metrics.jsonl")] for run in ("one", "two")]
+    assert [bool(e) for e in evals[0]] == [False, True, False, True] and evals[0] == evals[1]
+
+
+def test_lr_warms_up_from_zero_with_one_point_per_optimizer_step(tmp_path, tiny_model_dir):
+    data = colour_sft_data(str(tmp_path / "d"))
+    sft.main(["--model", tiny_model_dir, "--data", data, "--out", str(tmp_path / "o"), "--global-batch", "8",
+              "--micro-batch", "8", "--lr", "1e-3", "--warmup-ratio", "0.3", "--max-steps", "4"])
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "o" / "metrics.jsonl")]
+    assert lrs == pytest.approx([0.0, 0.5e-3, 1e-3, 0.5e-3])  # warmup ceil(0.3 x 4) = 2 steps, then cosine to 0
 
 
 def test_resume_continues_exactly(tmp_path, tiny_model_dir):

@@ -13,6 +13,8 @@
     runs         what a run folder was made by, so nothing is reused from another run
     colocate     05's colocated vLLM engine: build, push weights, sample
     mathverify   math-verify in killable helper processes (rewards.py's math verifier)
+    sources      step 1: the paper's source datasets -> records, one converter per source (python -m vlaa.sources)
+    collect      the loop of vlaa.sources: rows in, records and images out, resumable, counted
 
 Imports run one way: stages -> rewards.py -> vlaa. Nothing here imports a stage, rewards.py, or (except
 lazily, inside the `toy` backend) toy.py.

@@ -220,8 +220,10 @@ def plain_generation_config(model):
 
 
 @torch.no_grad()
-def sample_completions(model, batch, max_new_tokens, temperature=1.0, top_p=1.0, eos_id=None, pad_id=0):
-    """Sample one completion per row of `batch` -> (ids [B, T], mask [B, T]).
+def sample_completions(model, batch, max_new_tokens, temperature=1.0, top_p=1.0, eos_id=None, pad_id=0,
+                       return_logprobs=False):
+    """Sample one completion per row of `batch` -> (ids [B, T], mask [B, T]), and with return_logprobs the
+    sampler's own log-probability of each sampled token [B, T] (for tests: it costs a [B, T, V] tensor).
 
     The distribution is exactly softmax(logits / temperature) with the vision tokens removed (and top_p,
     if below 1): no repetition penalty, top-k or other processor from the checkpoint's generation config,
@@ -239,9 +241,14 @@ def sample_completions(model, batch, max_new_tokens, temperature=1.0, top_p=1.0,
         sampling = dict(do_sample=False)
     with plain_generation_config(model):
         out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
-                             suppress_tokens=vision_token_ids(model.config), synced_gpus=synced, **sampling)
-    comp = out[:, batch["input_ids"].shape[1]:]  # [B, T]
+                             suppress_tokens=vision_token_ids(model.config), synced_gpus=synced,
+                             output_scores=return_logprobs, return_dict_in_generate=True, **sampling)
+    comp = out.sequences[:, batch["input_ids"].shape[1]:]  # [B, T]
     eos_ids = eos_id if isinstance(eos_id, (list, tuple)) else [eos_id]
     is_eos = torch.isin(comp, torch.tensor(eos_ids, device=comp.device))
     mask = (is_eos.cumsum(1) - is_eos.long()) == 0  # True up to and including the first EOS
-    return comp.masked_fill(~mask, pad_id), mask.long()
+    comp = comp.masked_fill(~mask, pad_id)
+    if not return_logprobs:
+        return comp, mask.long()
+    scores = torch.stack(out.scores, 1).float().log_softmax(-1)  # [B, T, V]: the processed logits generate sampled
+    return comp, mask.long(), scores.gather(-1, comp.unsqueeze(-1)).squeeze(-1) * mask

@@ -75,13 +75,24 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def cosine_lr(step, total_steps, peak_lr, warmup_steps=0, min_lr=0.0):
-    """Linear warmup, then cosine from peak_lr down to min_lr (paper, GRPO: LR1/LR2 set min LR and warmup)."""
+def warmup_updates(total_updates, warmup_ratio):
+    """Warmup length in optimizer updates, rounded up (OpenRLHF: ceil(updates * lr_warmup_ratio)), so a short
+    run with warmup on still warms up."""
     import math
 
-    if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return math.ceil(total_updates * warmup_ratio)
+
+
+def cosine_lr(update, total_updates, peak_lr, warmup=0, min_lr=0.0):
+    """The LR of optimizer update `update` (0-based): linear warmup from 0 over `warmup` updates, then cosine
+    from peak_lr down to min_lr. The schedule has one point per optimizer update, not per rollout step: the
+    paper's 49 GRPO steps are 393 updates (transformers' cosine_with_min_lr schedule, which OpenRLHF steps
+    once per update; the paper's LR1/LR2 set min LR and warmup)."""
+    import math
+
+    if update < warmup:
+        return peak_lr * update / warmup
+    progress = min(1.0, (update - warmup) / max(1, total_updates - warmup))
     return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -119,21 +130,26 @@ def same_keys_on_all_ranks(keys, device):
         raise RuntimeError(f"ranks log different metrics; this rank has: {', '.join(keys)}")
 
 
-def reduce_metrics(means, sums, world, device="cpu"):
+def reduce_metrics(means, sums, world, device="cpu", maxes=None):
     """One step's metrics over all ranks: `sums` (counts, totals) are added, `means` averaged (each rank holds
-    the same number of samples). Returns one dict; on one process, the two merged."""
+    the same number of samples), `maxes` maxed. Returns one dict; on one process, the three merged."""
+    maxes = maxes or {}
     if world == 1:
-        return {**means, **sums}
+        return {**means, **sums, **maxes}
     import torch.distributed as dist
 
-    mean_keys, sum_keys = sorted(means), sorted(sums)
-    same_keys_on_all_ranks(mean_keys + ["|"] + sum_keys, device)
+    mean_keys, sum_keys, max_keys = sorted(means), sorted(sums), sorted(maxes)
+    same_keys_on_all_ranks(mean_keys + ["|"] + sum_keys + ["|"] + max_keys, device)
     t = torch.tensor([float(means[k]) for k in mean_keys] + [float(sums[k]) for k in sum_keys],
                      dtype=torch.float64, device=device)
     dist.all_reduce(t)
     values = t.tolist()
-    out = {k: v / world for k, v in zip(mean_keys, values)}
-    return out | dict(zip(sum_keys, values[len(mean_keys):]))
+    out = {k: v / world for k, v in zip(mean_keys, values)} | dict(zip(sum_keys, values[len(mean_keys):]))
+    if max_keys:
+        m = torch.tensor([float(maxes[k]) for k in max_keys], dtype=torch.float64, device=device)
+        dist.all_reduce(m, op=dist.ReduceOp.MAX)
+        out |= dict(zip(max_keys, m.tolist()))
+    return out
 
 
 def global_sum(x, world, device="cpu"):
@@ -158,3 +174,42 @@ def clip_grad_norm(params, max_norm):
     """Clip the gradient norm over all ranks' shards; returns the norm before clipping, as a float."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Held-out validation during training (--eval-data, --eval-every in 04 and 05)
+
+
+@torch.no_grad()
+def held_out_accuracy(model, tokenizer, encode, records, score, world, rank, device, max_new_tokens=256,
+                      batch_size=16):
+    """Greedy accuracy on held-out records, overall and per verifier type, sharded over ranks (each rank
+    answers records[rank::world], the counts are summed) -> {"eval/accuracy": ..., "eval/accuracy/<type>": ...}.
+    score(completion, record) -> bool is the stage's rule (rewards.is_correct of the mixed reward). Under
+    FSDP2 every rank must run the same number of generate calls: short shards repeat their last record,
+    whose extra answers are not counted."""
+    from vlaa.qwen import collate, sample_completions, to_device
+
+    mine = records[rank::world]
+    per_rank = -(-len(records) // world)  # ceil: every rank takes this many
+    padded = mine + mine[-1:] * (per_rank - len(mine)) if mine else records[:1] * per_rank
+    right, total = {}, {}
+    was_training = model.training
+    model.eval()
+    for s in range(0, per_rank, batch_size):
+        chunk = padded[s:s + batch_size]
+        batch = to_device(collate([encode(r) for r in chunk], tokenizer.pad_token_id), device)
+        comp, _ = sample_completions(model, batch, max_new_tokens, temperature=0.0, pad_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
+        for i, (r, t) in enumerate(zip(chunk, texts)):
+            if s + i >= len(mine):
+                break  # padding
+            vtype = r["verifier_type"]
+            total[vtype] = total.get(vtype, 0) + 1
+            right[vtype] = right.get(vtype, 0) + bool(score(t, r))
+    model.train(was_training)
+    types = sorted({r["verifier_type"] for r in records})  # the same keys on every rank
+    sums = {f"right/{t}": float(right.get(t, 0)) for t in types} | {f"n/{t}": float(total.get(t, 0)) for t in types}
+    sums = reduce_metrics({}, sums, world, device)
+    out = {"eval/accuracy": sum(sums[f"right/{t}"] for t in types) / max(1.0, sum(sums[f"n/{t}"] for t in types))}
+    return out | {f"eval/accuracy/{t}": sums[f"right/{t}"] / sums[f"n/{t}"] for t in types if sums[f"n/{t}"]}

@@ -69,13 +69,14 @@ def prepare(rec, where, overwrite):
 
 
 def caption_batch(items, gen, prompt, sampling):
-    """One backend call for the images of a batch; records that keep their caption pass through."""
+    """One backend call for the images of a batch; records that keep their caption pass through. A request
+    the backend could not do comes back as its Exception, which run_stage reports (or counts, --skip-bad)."""
     todo = [i for i, (_, image) in enumerate(items) if image is not None]
     requests = [{"prompt": prompt, "image": items[i][1], "system": None} for i in todo]
-    outs = gen(requests, n=1, **sampling) if requests else []
+    outs = gen(requests, n=1, on_error="return", **sampling) if requests else []
     records = [rec for rec, _ in items]
     for i, out in zip(todo, outs):
-        records[i] = dict(records[i], caption=out[0].strip())
+        records[i] = out if isinstance(out, Exception) else dict(records[i], caption=out[0].strip())
     return records
 
 
@@ -92,7 +93,7 @@ def main(argv=None):
                       prepare=lambda rec, where: prepare(rec, where, args.overwrite),
                       process=lambda items: caption_batch(items, gen, prompt, sampling))
     print(f"01_caption: {stats['written']} captioned, {stats['done_before']} already done, "
-          f"{len(stats['bad'])} bad -> {args.out}")
+          f"{len(stats['bad'])} bad, {stats['damaged_lines']} damaged output lines kept -> {args.out}")
     return stats
 
 

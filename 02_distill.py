@@ -74,9 +74,10 @@ def distill_prompt(rec):
 
 
 def distill_batch(records, gen, system, sampling):
+    """The raw reasoning of each record (03 parses and rewrites it), or the Exception of a failed request."""
     requests = [{"prompt": distill_prompt(r), "image": None, "system": system} for r in records]
-    outs = gen(requests, n=1, **sampling)
-    return [dict(r, reasoning=out[0]) for r, out in zip(records, outs)]  # raw: 03 parses and rewrites it
+    outs = gen(requests, n=1, on_error="return", **sampling)
+    return [out if isinstance(out, Exception) else dict(r, reasoning=out[0]) for r, out in zip(records, outs)]
 
 
 def main(argv=None):
@@ -87,7 +88,7 @@ def main(argv=None):
                       limit=args.limit, skip_bad=args.skip_bad, desc="distill",
                       process=lambda records: distill_batch(records, gen, args.system, sampling))
     print(f"02_distill: {stats['written']} distilled, {stats['done_before']} already done, "
-          f"{len(stats['bad'])} bad -> {args.out}")
+          f"{len(stats['bad'])} bad, {stats['damaged_lines']} damaged output lines kept -> {args.out}")
     return stats
 
 

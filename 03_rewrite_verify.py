@@ -35,7 +35,7 @@ import re
 
 import rewards
 from vlaa.datastage import add_generation_args, backend_from_args, run_stage, sampling_from_args
-from vlaa.jsonl import read_jsonl, write_json, write_jsonl
+from vlaa.jsonl import read_output, write_json, write_jsonl
 from vlaa.records import AHA_WORDS, has_aha, normalize_verifier
 
 # Our own wording of the paper's minimal-edit rewrite prompt (App. Fig. 10); the text comes last.
@@ -141,8 +141,10 @@ def rule_rewrite(text):
 
 
 def llm_rewrite(texts, rewriter, args):
+    """The rewritten texts, or for a request the backend could not do, its Exception."""
     requests = [{"prompt": REWRITE_PROMPT.format(text=t), "image": None, "system": None} for t in texts]
-    return [out[0].strip() for out in rewriter(requests, n=1, **sampling_from_args(args))] if texts else []
+    outs = rewriter(requests, n=1, on_error="return", **sampling_from_args(args)) if texts else []
+    return [out if isinstance(out, Exception) else out[0].strip() for out in outs]
 
 
 def word_change(old, new):
@@ -162,12 +164,15 @@ def default_open(rec, where):
 
 
 def llm_judge(pairs, judge, args):
-    """paper step #5: Yes or No for each (record, answer); a reasoning judge may think first."""
+    """paper step #5: Yes or No for each (record, answer), or the Exception of a failed request; a reasoning
+    judge may think first."""
     one_line = lambda s: " ".join(str(s).split())  # one line each: the judge reads them by their labels
     requests = [{"prompt": JUDGE_PROMPT.format(gold=one_line(r["answer"]), pred=one_line(a)), "image": None,
                  "system": None} for r, a in pairs]
-    replies = judge(requests, n=1, max_new_tokens=args.judge_max_new_tokens, temperature=0.0, seed=args.seed)
-    return [re.findall(r"[a-z]+", reply[0].rpartition("</think>")[2].lower())[:1] == ["yes"] for reply in replies]
+    replies = judge(requests, n=1, max_new_tokens=args.judge_max_new_tokens, temperature=0.0, seed=args.seed,
+                    on_error="return")
+    return [reply if isinstance(reply, Exception) else
+            re.findall(r"[a-z]+", reply[0].rpartition("</think>")[2].lower())[:1] == ["yes"] for reply in replies]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -176,7 +181,8 @@ def llm_judge(pairs, judge, args):
 
 def rewrite_verify_batch(records, args, rewriter, judge, aha_words):
     """Steps 4 and 5 for a batch: rewrite (one call), drop lost answers and big rewrites, verify (rules,
-    then one judge call for the `open` ones), mark aha."""
+    then one judge call for the `open` ones), mark aha. A record whose rewrite or judge request failed is
+    that Exception in the output (run_stage reports or counts it)."""
     raw = [r["reasoning"] for r in records]
     todo = [i for i, t in enumerate(raw) if split_reasoning(t)[1]]  # no answer: not worth a rewrite
     new, has_answer = list(raw), set(todo)
@@ -186,6 +192,9 @@ def rewrite_verify_batch(records, args, rewriter, judge, aha_words):
         new[i] = text
     out, asks = [], []
     for i, (rec, old, text) in enumerate(zip(records, raw, new)):
+        if isinstance(text, Exception):
+            out.append(text)
+            continue
         think, answer = split_reasoning(text)
         response = f"<think>{think}</think> <answer>{answer}</answer>" if i in has_answer and answer else None
         drop = "no_answer" if response is None else \
@@ -201,9 +210,9 @@ def rewrite_verify_batch(records, args, rewriter, judge, aha_words):
                         aha=has_aha(response, aha_words) if response else None))
     if asks:
         for (i, _), yes in zip(asks, llm_judge([(out[i], a) for i, a in asks], judge, args)):
-            out[i]["verified"] = yes
+            out[i] = yes if isinstance(yes, Exception) else dict(out[i], verified=yes)
     for r in out:
-        if r["drop_reason"] is None and not r["verified"]:
+        if not isinstance(r, Exception) and r["drop_reason"] is None and not r["verified"]:
             r["drop_reason"] = "wrong"
     return out
 
@@ -224,8 +233,9 @@ def counts(rows):
 
 
 def split_and_summarize(out_dir, aha_words, bad_skipped=0):
-    """Rebuild sft.jsonl, rl.jsonl and summary.json from all.jsonl (which may span several resumed runs)."""
-    records = [r for _, r in read_jsonl(os.path.join(out_dir, "all.jsonl"))]
+    """Rebuild sft.jsonl, rl.jsonl and summary.json from all.jsonl (which may span several resumed runs; a
+    damaged line in it is left out here and counted, its record was redone)."""
+    records, damaged = read_output(os.path.join(out_dir, "all.jsonl"))
     kept = [r for r in records if r["drop_reason"] is None]
     write_jsonl(os.path.join(out_dir, "sft.jsonl"), [r for r in kept if not r["aha"]])
     write_jsonl(os.path.join(out_dir, "rl.jsonl"), [r for r in kept if r["aha"]])
@@ -235,7 +245,7 @@ def split_and_summarize(out_dir, aha_words, bad_skipped=0):
         for r in records:
             groups[str(r.get(key) or "?")].append(r)
         summary[f"by_{key}"] = {k: counts(v) for k, v in sorted(groups.items())}
-    summary |= {"aha_words": list(aha_words), "bad_records_skipped": bad_skipped}
+    summary |= {"aha_words": list(aha_words), "bad_records_skipped": bad_skipped, "damaged_lines": len(damaged)}
     write_json(os.path.join(out_dir, "summary.json"), summary)
     return summary
 

@@ -15,7 +15,8 @@ that you can measure it (05_grpo.py starts from its output).
     # 8 GPUs (FSDP2 + NCCL); several nodes: add torchrun's --nnodes/--node-rank/--rdzv-endpoint
     torchrun --nproc_per_node 8 04_sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data ... --out runs/sft-7b
 
-Outputs in --out: metrics.jsonl (one line per step), checkpoints/ckpt-STEP (resumable with --resume),
+Outputs in --out: run.json (what made the run), metrics.jsonl (one line per step), checkpoints/ckpt-STEP
+(every ~10% of the run and on SIGTERM, resumable with --resume; docs/checkpoints.md),
 model/ (a Hugging Face folder that from_pretrained and vLLM load like any Qwen2.5-VL).
 """
 
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 import rewards
 from vlaa import checkpoints, training
-from vlaa.qwen import SYSTEM_PROMPT, collate, load_model, prompt_encoder, prompt_length, to_device
+from vlaa.qwen import SYSTEM_PROMPT, collate, prompt_encoder, prompt_length, to_device
 from vlaa.records import load_records
 
 # ----------------------------------------------------------------------------------------------------
@@ -56,8 +57,11 @@ p.add_argument("--weight-decay", type=float, default=0.0)
 p.add_argument("--grad-clip", type=float, default=1.0)
 p.add_argument("--train-vision", action="store_true", help="also train the vision tower (paper: frozen)")
 p.add_argument("--activation-checkpointing", action="store_true", help="recompute activations to save memory")
-p.add_argument("--save-every", type=int, default=500, help="write a resumable checkpoint every N steps")
-p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+p.add_argument("--save-every", type=int, default=None,
+               help="write a resumable checkpoint every N steps (default: every ~10%% of the run); always on SIGTERM")
+p.add_argument("--resume", action="store_true", help="continue this run from its last checkpoint in --out")
+p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds another run or this "
+               "one already (its checkpoints, model and logs are deleted)")
 p.add_argument("--cache-size", type=int, default=2000,
                help="keep up to N encoded samples (image processed once) in memory; 0 = encode every time")
 p.add_argument("--eval-data", default=None, help="held-out records (with answer and verifier_type): greedy "
@@ -130,14 +134,9 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
 
     # model: fp32 master weights; bf16 compute on GPU (autocast, or FSDP2's policy when sharded)
-    model, tokenizer, image_processor = load_model(args.model, "float32", device, args.min_pixels, args.max_pixels)
-    training.freeze_vision_tower(model, not args.train_vision)
-    if args.activation_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
-    model = training.shard_model(model, device, world)
-    params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    model, tokenizer, image_processor, params, optimizer = training.load_trainable(
+        args.model, device, world, args.lr, args.weight_decay, args.train_vision, args.activation_checkpointing,
+        args.min_pixels, args.max_pixels)
 
     # data
     system = None if args.no_system_prompt else SYSTEM_PROMPT
@@ -158,14 +157,10 @@ def main(argv=None):
         print(f"{len(records)} samples, {n_dropped} dropped as longer than {args.max_length} tokens; "
               f"{total_steps} steps of {args.global_batch} on {world} rank(s)")
 
-    start = 0
-    ckpt = checkpoints.latest_checkpoint(args.out) if args.resume else None
-    if ckpt:
-        start = checkpoints.load_checkpoint(ckpt, model, optimizer, rank)["step"]
-        if master:
-            print(f"resumed from {ckpt} at step {start}")
-    elif master and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
-        os.remove(os.path.join(args.out, "metrics.jsonl"))  # a fresh run starts a fresh log
+    state, run_id = training.start_or_resume(args.out, training.training_identity("04_sft", args), args.resume,
+                                             args.overwrite, total_steps, env, model, optimizer)
+    start = state.get("step", 0)
+    stop_requested = checkpoints.install_sigterm_handler()  # a preempted job saves before it stops
 
     bar = tqdm(range(start, total_steps), disable=not master, desc="sft", initial=start, total=total_steps)
     for step in bar:
@@ -183,19 +178,19 @@ def main(argv=None):
                                                       device=device), world, device)
         rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                "tokens_per_s": float(seq_tokens) / dt, "samples_seen": (step + 1) * args.global_batch,
-               "dropped_too_long": n_dropped}
+               "dropped_too_long": n_dropped, **training.peak_memory(device)}
         if held_out and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
             rec |= training.held_out_accuracy(model, tokenizer, encode_prompt, held_out, score, world, rank, device,
                                               args.eval_max_new_tokens)
         if master:
             training.log_metrics(os.path.join(args.out, "metrics.jsonl"), rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
-        if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            checkpoints.save_checkpoint(args.out, step + 1, model, optimizer, {"samples_seen": rec["samples_seen"]},
-                                        rank)
+        training.checkpoint_if_due(args.out, step + 1, total_steps, args.save_every, stop_requested, model, optimizer,
+                                   {"samples_seen": rec["samples_seen"]}, env, run_id)
 
     checkpoints.finish_training(args.out, total_steps, model, optimizer,
-                                {"samples_seen": total_steps * args.global_batch}, tokenizer, image_processor, env)
+                                {"samples_seen": total_steps * args.global_batch}, tokenizer, image_processor, env,
+                                run_id=run_id)
 
 
 if __name__ == "__main__":

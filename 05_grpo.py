@@ -20,8 +20,9 @@ Defaults are the paper's (docs/paper.md): G=4, temperature 0.8, rollout batch 51
 256 completions (8 optimizer updates per rollout), 1 episode, cosine LR to a minimum with warmup ("LR2"),
 adaptive KL starting at 1e-3 with target 5e-4 ("KL2"). What the paper left open is a flag.
 
-Outputs in --out: metrics.jsonl (one line per step), rollouts.jsonl (sampled completions), checkpoints/
-(resumable with --resume), model/ (a Hugging Face folder, like any Qwen2.5-VL checkpoint).
+Outputs in --out: run.json (what made the run), metrics.jsonl (one line per step), rollouts.jsonl (sampled
+completions), checkpoints/ (every ~10% of the run and on SIGTERM, resumable with --resume; docs/checkpoints.md),
+model/ (a Hugging Face folder, like any Qwen2.5-VL checkpoint).
 """
 
 import argparse
@@ -33,17 +34,7 @@ import torch
 from tqdm import tqdm
 
 import rewards
-from vlaa import checkpoints, training
-from vlaa.qwen import (
-    SYSTEM_PROMPT,
-    collate,
-    load_model,
-    prompt_encoder,
-    repeat_batch,
-    sample_completions,
-    to_device,
-    vision_token_ids,
-)
+from vlaa import checkpoints, qwen, training
 from vlaa.records import has_aha, load_records, normalize_verifier
 
 # ----------------------------------------------------------------------------------------------------
@@ -66,13 +57,10 @@ p.add_argument("--temperature", type=float, default=0.8, help="sampling temperat
 p.add_argument("--top-p", type=float, default=1.0)
 p.add_argument("--max-new-tokens", type=int, default=1024, help="completion length cap (paper: not stated)")
 p.add_argument("--vllm-gpu-memory", type=float, default=0.3, help="vLLM gpu_memory_utilization per rank")
-p.add_argument("--vllm-is-cap", type=float, default=2.0,
-               help="--rollout vllm: cap of the truncated importance weight pi_trainer / pi_vllm that corrects "
-                    "the engine's sampling mismatch (TRL's vllm_importance_sampling_correction); 0: no "
-                    "correction (default: %(default)s, docs/vllm.md)")
-p.add_argument("--vllm-is-level", default="token", choices=["token", "sequence"],
-               help="--rollout vllm: the weight per token, or per completion (product of its token ratios) "
-                    "(default: %(default)s)")
+p.add_argument("--vllm-is-cap", type=float, default=2.0, help="--rollout vllm: cap of the importance weight "
+               "pi_trainer / pi_vllm correcting the engine's sampling mismatch; 0: off (default: %(default)s)")
+p.add_argument("--vllm-is-level", default="token", choices=["token", "sequence"], help="that weight per token or per "
+               "completion (the product of its token ratios) (default: %(default)s; docs/vllm.md)")
 # objective
 p.add_argument("--train-batch", type=int, default=256, help="completions per optimizer update over all ranks "
                "(paper: 256, so a rollout of 512x4 gives 8 updates)")
@@ -86,21 +74,15 @@ p.add_argument("--kl-target", type=float, default=5e-4, help="adaptive KL target
 p.add_argument("--kl-horizon", type=int, default=10000, help="adaptive KL horizon in samples (OpenRLHF default)")
 p.add_argument("--scale-rewards", default="group", choices=["group", "none"],
                help="group: (r - mean) / (std + 1e-4), GRPO; none: r - mean, Dr. GRPO (default: %(default)s)")
-p.add_argument("--loss-agg", default="seq", choices=["seq", "token", "dr_grpo"],
-               help="seq: each completion's token mean, then the mean over completions (the paper's OpenRLHF; TRL "
-                    "'grpo'); token: mean over all tokens (DAPO; TRL 'dapo'); dr_grpo: token sum / (completions x "
-                    "--max-new-tokens) (Dr. GRPO; TRL 'dr_grpo'). Normalisers count every rank's rows of one "
-                    "update (default: %(default)s)")
-p.add_argument("--importance-level", default="token", choices=["token", "sequence"],
-               help="token: a ratio per token (GRPO); sequence: one per completion, exp(mean token log-ratio) "
-                    "(GSPO; TRL importance_sampling_level; use with --loss-agg seq and a small clip such as "
-                    "--clip-low 3e-4 --clip-high 4e-4) (default: %(default)s)")
-p.add_argument("--dual-clip", type=float, default=0.0,
-               help="c > 1: for negative advantages the loss is capped at c x |A| (dual-clip PPO; verl's default "
-                    "is 3); 0: off, the paper's (default: %(default)s)")
-p.add_argument("--mask-truncated", action="store_true",
-               help="completions cut off by --max-new-tokens leave the loss (their rewards still shape the group's "
-                    "advantages; TRL mask_truncated_completions)")
+p.add_argument("--loss-agg", default="seq", choices=["seq", "token", "dr_grpo"], help="seq: mean of each "
+               "completion's token mean (the paper's; TRL 'grpo'); token: all tokens' mean (DAPO; TRL 'dapo'); "
+               "dr_grpo: token sum / (completions x --max-new-tokens) (default: %(default)s; docs/grpo.md)")
+p.add_argument("--importance-level", default="token", choices=["token", "sequence"], help="sequence: one ratio per "
+               "completion, exp(mean token log-ratio) (GSPO; TRL importance_sampling_level) (default: %(default)s)")
+p.add_argument("--dual-clip", type=float, default=0.0, help="c > 1: the loss of a negative advantage is capped at "
+               "c x |A| (dual-clip PPO, verl's default 3); 0: off, the paper's (default: %(default)s)")
+p.add_argument("--mask-truncated", action="store_true", help="completions cut off by --max-new-tokens leave the "
+               "loss; their rewards still shape their group's advantages (TRL mask_truncated_completions)")
 p.add_argument("--drop-uniform-groups", action="store_true",
                help="leave out groups whose rewards are all equal (DAPO's dynamic sampling, without resampling)")
 p.add_argument("--verifier-types", default="digit,mcq,math,iou,open",
@@ -122,9 +104,12 @@ p.add_argument("--train-vision", action="store_true", help="train the vision tow
 p.add_argument("--activation-checkpointing", action="store_true")
 p.add_argument("--ref-offload", action="store_true", help="keep the reference model in CPU memory (GPU)")
 # bookkeeping
-p.add_argument("--save-every", type=int, default=50, help="resumable checkpoint every N steps")
+p.add_argument("--save-every", type=int, default=None,
+               help="resumable checkpoint every N steps (default: every ~10%% of the run); always on SIGTERM")
 p.add_argument("--log-rollouts-every", type=int, default=10, help="write sampled rollouts every N steps")
-p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+p.add_argument("--resume", action="store_true", help="continue this run from its last checkpoint in --out")
+p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds another run or this "
+               "one already (its checkpoints, model and logs are deleted)")
 p.add_argument("--cache-size", type=int, default=2000, help="keep up to N encoded prompts (pixels and positions) "
                "in memory for later episodes; 0 = encode every time")
 p.add_argument("--eval-data", default=None, help="held-out records (with answer and verifier_type): greedy "
@@ -273,7 +258,7 @@ def sequence_batch(prompts, rows, group_size, comp, comp_mask, pad_id, features=
     all three alike. A completion's tokens continue from its prompt's largest position, as generate()
     numbers them; the prompt's own come from its cached encoding. Padding gets position 0."""
     examples = [prompts[r // group_size] for r in rows]
-    batch = collate(examples, pad_id)
+    batch = qwen.collate(examples, pad_id)
     W = batch["input_ids"].shape[1]
     c, m = comp[rows], comp_mask[rows]  # [b, T]
     batch["input_ids"] = torch.cat([batch["input_ids"], c], 1)  # [b, W+T]
@@ -332,13 +317,13 @@ def frozen_logprobs(model, batches, comp, temperature, vision_ids):
 def rollout_hf(model, prompts, group_size, args, pad_id, features=None):
     """Sample G completions per prompt with the current policy -> (ids [N, T], mask [N, T]), N = prompts * G.
     With precomputed vision features, the vision tower does not run again on G copies of each image."""
-    batch = repeat_batch(collate(prompts, pad_id), group_size)  # rows p*G .. p*G+G-1: prompt p
+    batch = qwen.repeat_batch(qwen.collate(prompts, pad_id), group_size)  # rows p*G .. p*G+G-1: prompt p
     if features is not None:
         del batch["pixel_values"]
         batch["mm_encoder_outputs"] = {"image": SimpleNamespace(
             pooler_output=[f for f in features for _ in range(group_size)])}
     model.eval()
-    comp, mask = sample_completions(model, to_device(batch, model.device), args.max_new_tokens,
+    comp, mask = qwen.sample_completions(model, qwen.to_device(batch, model.device), args.max_new_tokens,
                                     args.temperature, args.top_p, pad_id=pad_id)
     model.train()
     return comp, mask
@@ -396,15 +381,6 @@ def update_policy(model, optimizer, params, micro_batches, batches, comp, loss_m
     return stats, ent_sum, ent_n, grad_norm
 
 
-def mismatch_stats(old_logp, sampler_logp, mask, is_weights):
-    """How far the rollout engine's log-probs are from the trainer's on the sampled tokens (vLLM only)."""
-    diff = (old_logp - sampler_logp).abs() * mask
-    w = is_weights.expand_as(mask)[mask > 0]
-    means = {"vllm/logp_diff_mean": float(diff.sum() / mask.sum().clamp(min=1)),
-             "vllm/is_weight_mean": float(w.mean()) if len(w) else 1.0}
-    return means, {"vllm/logp_diff_max": float(diff.max())}
-
-
 def main(argv=None):
     args = p.parse_args(argv)
     env = training.init_distributed()
@@ -424,55 +400,38 @@ def main(argv=None):
         from vlaa import colocate
 
         llm = colocate.make_vllm_engine(args, rank)
-    model, tokenizer, image_processor = load_model(args.model, "float32", device, args.min_pixels, args.max_pixels)
-    training.freeze_vision_tower(model, not args.train_vision)
-    if args.activation_checkpointing:
-        model.gradient_checkpointing_enable()
-    model = training.shard_model(model, device, world)
-    params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
-    use_ref = args.kl_coef > 0
-    ref = None
-    if use_ref:  # a frozen copy of the start model; on the CPU between uses with --ref-offload
-        ref_device = torch.device("cpu") if args.ref_offload else device
-        ref = training.shard_model(load_model(args.model, "float32", ref_device)[0].eval().requires_grad_(False),
-                                   device, world, cpu_offload=args.ref_offload)
-    pad_id, vision_ids = tokenizer.pad_token_id, vision_token_ids(model.config)
+    model, tokenizer, image_processor, params, optimizer = training.load_trainable(
+        args.model, device, world, args.lr, args.weight_decay, args.train_vision, args.activation_checkpointing,
+        args.min_pixels, args.max_pixels)
+    use_ref = args.kl_coef > 0  # the reference: a frozen copy of the start model (in CPU memory with --ref-offload)
+    ref = training.load_frozen(args.model, device, world, args.ref_offload) if use_ref else None
+    pad_id, vision_ids = tokenizer.pad_token_id, qwen.vision_token_ids(model.config)
     eos_ids = torch.tensor(model.generation_config.eos_token_id).flatten()  # one id or several
     rm = rewards.RewardModel.from_pretrained(args.reward_model, device=str(device), offload=True,
                                              trust_remote_code=args.trust_remote_code) if args.reward_model else None
 
     # data
-    system = None if args.no_system_prompt else SYSTEM_PROMPT
+    system = None if args.no_system_prompt else qwen.SYSTEM_PROMPT
     types = [normalize_verifier(t, "--verifier-types") for t in args.verifier_types.split(",")]
     records = load_rl_records(args.data, args.fmt, args.image_root, types, rm is not None, master)
     if len(records) < args.rollout_batch:
         raise SystemExit(f"{args.data}: {len(records)} usable prompts, fewer than --rollout-batch {args.rollout_batch}")
     held_out = load_rl_records(args.eval_data, args.fmt, args.image_root, types, rm is not None, master) \
         if args.eval_data else []
-    encode = prompt_encoder(tokenizer, image_processor, system, args.cache_size, model=model)
+    encode = qwen.prompt_encoder(tokenizer, image_processor, system, args.cache_size, model=model)
     total_steps = args.max_steps or max(1, int(args.episodes * (len(records) // args.rollout_batch)))
     updates_per_step = rows_per_rank // train_rows * args.ppo_epochs
     total_updates = total_steps * updates_per_step  # the LR schedule's length: one point per optimizer update
     warmup = training.warmup_updates(total_updates, args.warmup_ratio)
 
-    start, kl_coef = 0, args.kl_coef
-    ckpt = checkpoints.latest_checkpoint(args.out) if args.resume else None
-    if ckpt:
-        state = checkpoints.load_checkpoint(ckpt, model, optimizer, rank)
-        start, kl_coef = state["step"], state.get("kl_coef", args.kl_coef)  # an 04 checkpoint has no kl_coef
-        if master:
-            print(f"resumed from {ckpt} at step {start}")
-    elif master:
-        for f in ("metrics.jsonl", "rollouts.jsonl"):  # a fresh run starts fresh logs
-            if os.path.exists(os.path.join(args.out, f)):
-                os.remove(os.path.join(args.out, f))
+    state, run_id = training.start_or_resume(args.out, training.training_identity("05_grpo", args), args.resume,
+                                             args.overwrite, total_steps, env, model, optimizer,
+                                             logs=("metrics.jsonl", "rollouts.jsonl"))
+    start, kl_coef = state.get("step", 0), state.get("kl_coef", args.kl_coef)
+    stop_requested = checkpoints.install_sigterm_handler()  # a preempted job saves before it stops
     if master:
         print(f"{len(records)} prompts; {total_steps} steps of {args.rollout_batch} prompts x {args.group_size} "
               f"on {world} rank(s); {updates_per_step} update(s) per step, {total_updates} in all")
-
-    def score(text, record):  # "right" for held-out accuracy: the one rule 03 and 06 use too
-        return rewards.is_correct(rewards.mixed_reward(text, record, rm=rm))
 
     for step in tqdm(range(start, total_steps), disable=not master, desc="grpo", initial=start, total=total_steps):
         chosen = training.step_indices(step, len(records), args.rollout_batch, args.seed)[rank::world]
@@ -497,8 +456,7 @@ def main(argv=None):
         t1 = time.perf_counter()
 
         # 2. rewards -> group-normalised advantages; the loss mask (what takes part in the loss)
-        rw, rstats = rewards.score_batch(texts, samples, rm=rm, format_weight=args.format_weight,
-                                         beta=args.open_beta)
+        rw, rstats = rewards.score_batch(texts, samples, rm=rm, format_weight=args.format_weight, beta=args.open_beta)
         rw = torch.tensor(rw, dtype=torch.float32)  # [N]
         adv = group_advantages(rw, args.group_size, args.scale_rewards)  # [N]
         loss_mask = comp_mask.float()  # [N, T]
@@ -515,13 +473,9 @@ def main(argv=None):
         batches = {rows: sequence_batch(prompts, list(rows), args.group_size, comp, comp_mask, pad_id, features)
                    for chunks in micro for rows in chunks}
         ref_logp = None
-        if use_ref:
-            swap = args.ref_offload and world == 1  # sharded, FSDP2's CPU offload moves the shards itself
-            if swap:
-                ref.to(device)
-            ref_logp = frozen_logprobs(ref, batches, comp, args.temperature, vision_ids)
-            if swap:
-                ref.to("cpu")
+        if use_ref:  # with --ref-offload the reference visits the GPU only now (sharded, FSDP2 moves its shards)
+            with training.visiting(ref, device, args.ref_offload and world == 1):
+                ref_logp = frozen_logprobs(ref, batches, comp, args.temperature, vision_ids)
         # the trainer's own log-probs before any update: needed when later updates see an older policy, and
         # to weigh the vLLM engine's samples by how far its sampling is from ours
         is_weights = None
@@ -558,18 +512,20 @@ def main(argv=None):
                  "aha_share": sum(has_aha(t) for t in texts) / len(texts),
                  "no_answer_share": rstats.pop("no_answer") / len(texts), "grad_norm": grad_norm,
                  "time_generate": t1 - t0, "time_score": t2 - t1, "time_train": t3 - t2,
-                 **group_stats(rw, texts, args.group_size)}
+                 **group_stats(rw, texts, args.group_size), **training.peak_memory(device)}
         maxes = {}
-        if sampler_logp is not None:
-            mm, maxes = mismatch_stats(old_logp, sampler_logp, comp_mask.float(),
-                                       is_weights if is_weights is not None else torch.ones(len(rw), 1))
-            means |= mm
+        if sampler_logp is not None:  # how far vLLM's log-probs are from the trainer's, on the sampled tokens
+            gap = (old_logp - sampler_logp).abs()[comp_mask > 0]
+            weights = is_weights.expand_as(comp_mask)[comp_mask > 0] if is_weights is not None else torch.ones(1)
+            means |= {"vllm/logp_diff_mean": float(gap.mean()), "vllm/is_weight_mean": float(weights.mean())}
+            maxes = {"vllm/logp_diff_max": float(gap.max())}
         metrics = training.reduce_metrics(means, rstats, world, device, maxes)
         metrics |= rewards.per_type_rewards(metrics)
         if use_ref and args.kl_target > 0:
             kl_coef = adaptive_kl_coef(kl_coef, metrics["kl"], args.kl_target, args.rollout_batch * args.group_size,
                                        args.kl_horizon)
         if held_out and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
+            score = lambda t, r: rewards.is_correct(rewards.mixed_reward(t, r, rm=rm))  # noqa: E731  (03, 06's rule)
             metrics |= training.held_out_accuracy(model, tokenizer, encode, held_out, score, world, rank, device,
                                                   args.eval_max_new_tokens or args.max_new_tokens)
         metrics = {"step": step + 1, "lr": lrs[0], "lr_last": lrs[-1], "kl_coef": kl_coef, **metrics}
@@ -583,11 +539,11 @@ def main(argv=None):
                 for s, t, r in list(zip(samples, texts, rw.tolist()))[:2 * args.group_size]:
                     training.log_metrics(os.path.join(args.out, "rollouts.jsonl"),
                                          {"step": step + 1, "id": s["id"], "completion": t, "reward": r})
-        if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            checkpoints.save_checkpoint(args.out, step + 1, model, optimizer, {"kl_coef": kl_coef}, rank)
+        training.checkpoint_if_due(args.out, step + 1, total_steps, args.save_every, stop_requested, model, optimizer,
+                                   {"kl_coef": kl_coef}, env, run_id)
 
     checkpoints.finish_training(args.out, total_steps, model, optimizer, {"kl_coef": kl_coef}, tokenizer,
-                                image_processor, env)
+                                image_processor, env, run_id=run_id)
 
 
 if __name__ == "__main__":

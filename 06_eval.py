@@ -1,32 +1,37 @@
-"""Stage 06: answer the six visual-math benchmarks, extract answers, score each with its own rule, print a table.
+"""Stage 06: answer the six visual-math benchmarks of the paper's Table 4, score each, print a table.
 
-The last stage: a model folder from 04_sft.py / 05_grpo.py (or a Qwen2.5-VL hub id) answers the paper's Table 4
-benchmarks with VLAA-Thinker's system prompt, greedy, max_new_tokens 800, max_pixels 256*32*32 (SPEC §4):
-MathVista (testmini), MathVision (test), MathVerse (testmini, Vision Only), DynaMath (501 seeds x 10 variants,
-worst case), WeMath (testmini, Score (Strict)), LogicVista (test); also `toy` (toy.py) and `jsonl` (DESIGN schema).
+The last stage: a model folder from 04_sft.py / 05_grpo.py (or a Qwen2.5-VL hub id) answers MathVista (testmini),
+MathVision (test), MathVerse (testmini, Vision Only), DynaMath (501 seeds x 10 variants, worst case), WeMath
+(testmini, Score (Strict)) and LogicVista (test); `toy` and `jsonl` score our own record files with rewards.py.
+Comparable with the paper's numbers (docs/eval.md: the details, and measurements on published model outputs):
+- --rules vlmevalkit (default): VLMEvalKit's answer rules of April 2025, which made the leaderboard Table 4
+  reports; --rules official: each benchmark's own repository's.
+- --preset paper (default): greedy, 800 new tokens, max_pixels 256*32*32, as the paper states; --preset
+  vlmevalkit: VLMEvalKit's VLAA-Thinker config (2048 tokens, pixels 1280*28*28 to 16384*28*28).
+- a judge: VLMEvalKit's gpt-4o-mini extracted answers (and graded MathVerse's). The paper's table is
+  --rules vlmevalkit --preset paper --judge-backend openai --judge-model gpt-4o-mini; without a judge, our rules
+  stand in for it.
 
     # CPU, about a minute: the tiny random model on a toy test set (made in RUN_DIR without --data-dir)
     python toy.py build-model runs/tiny && python 06_eval.py --model runs/tiny --bench toy
-    # 1 GPU: vLLM, all six from the hub (needs internet; --data-dir for local copies)
-    python 06_eval.py --model Qwen/Qwen2.5-VL-3B-Instruct --backend vllm --out runs/eval/qwen2.5-vl-3b \\
-        --bench mathvista,mathvision,mathverse,dynamath,wemath,logicvista
-    # 8 GPUs: one engine over several GPUs (--tensor-parallel-size, must divide the attention heads), or
-    # better one OpenAI-compatible server per node (data parallel) and many requests in flight:
+    # 1 GPU, the six from the hub: the base model as the leaderboard ran it (no system prompt), then ours
+    python 06_eval.py --model Qwen/Qwen2.5-VL-3B-Instruct --no-system-prompt --backend vllm --bench six \\
+        --judge-backend openai --judge-model gpt-4o-mini --judge-api-key-env OPENAI_API_KEY
+    python 06_eval.py --model runs/grpo-3b/model --backend vllm --bench six ...
+    # 8 GPUs: one OpenAI-compatible server per node (data parallel), many requests in flight
     vllm serve Qwen/Qwen2.5-VL-7B-Instruct --data-parallel-size 8 --mm-processor-kwargs '{"max_pixels": 262144}'
     python 06_eval.py --model Qwen/Qwen2.5-VL-7B-Instruct --backend openai --base-url http://localhost:8000/v1 ...
-    # several runs side by side, with the paper's rows for reference
-    python 06_eval.py report runs/eval/qwen2.5-vl-3b runs/eval/mine
+    python 06_eval.py report runs/eval/A runs/eval/B  # runs side by side, with the paper's rows
 
-Writes RUN_DIR/predictions.jsonl (raw responses, appended as they finish: a rerun resumes), judge.jsonl,
-scored-<bench>.jsonl (each question: fields, response, extracted answer, verdict), scores.json, report.md. Rules follow
-each official repository; where we follow VLMEvalKit (which made the published numbers, with gpt-4o-mini
-extracting answers) a comment says so. Without --judge-backend ours are rules only: expect gaps (most on MathVerse).
+RUN_DIR (default runs/eval/<model>): run.json (what determines the results: model fingerprint, data, rules, flags;
+the same command resumes, another is refused), predictions.jsonl, judge.jsonl, scored-<bench>.jsonl, scores.json,
+report.md.
 """
 
 import argparse
+import hashlib
 import importlib.util
 import json
-import math
 import os
 import re
 import sys
@@ -38,193 +43,25 @@ from typing import NamedTuple
 import torch
 
 import rewards
-from vlaa import backends, jsonl, qwen, records
+from vlaa import backends, jsonl, qwen, records, runs
+from vlaa import benchmarks as B
 
 SIX = ("mathvista", "mathvision", "mathverse", "dynamath", "wemath", "logicvista")
 TITLES = {"mathvista": "MathVista", "mathvision": "MathVision", "mathverse": "MathVerse", "dynamath": "DynaMath",
           "wemath": "WeMath", "logicvista": "LogicVista", "toy": "Toy", "jsonl": "JSONL"}
-PAPER = {  # paper Table 4 = the leaderboard (SPEC §4): the six, then Avg
+PAPER = {  # the paper's Table 4 (the leaderboard of 2025-04-07): the six, then Avg
     "Qwen2.5-VL-3B (paper)": (61.2, 21.9, 31.2, 13.2, 22.9, 40.3, 31.8),
     "VLAA-Thinker-Qwen2.5VL-3B (paper)": (61.0, 24.4, 36.4, 18.2, 33.8, 38.5, 35.4),
     "Qwen2.5-VL-7B (paper)": (68.1, 25.4, 41.1, 21.8, 36.2, 47.9, 40.1),
     "VLAA-Thinker-Qwen2.5VL-7B (paper)": (68.0, 26.4, 48.2, 22.4, 41.5, 48.5, 42.5),
 }
-
-# ----------------------------------------------------------------------------------------------------
-# Arguments
-
-LAYOUT = """local copies (--data-dir D): D/<bench>.jsonl (or D is the file itself), one JSON object a line
-with the benchmark's official field names, and the image as a path relative to the file in `image`
-(or `image_path` / `decoded_image`). The fields each benchmark needs:
-  mathvista   pid question_type answer_type answer (+ query, choices, precision)
-  mathvision  id question answer (+ options)
-  mathverse   sample_index question_type answer (+ query_cot); the Vision Only rows
-  dynamath    id (the seed's) variant (1-10) question answer_type ground_truth
-  wemath      ID key question option answer
-  logicvista  question answer
-  toy, jsonl  the DESIGN schema; --data-dir is the file, or a folder holding test.jsonl"""
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, epilog=LAYOUT,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model folder (04/05 output) or hub id")
-    p.add_argument("--bench", default="toy", help=f"comma list from: {', '.join(BENCHMARKS)} (default toy)")
-    p.add_argument("--out", default=None, help="RUN_DIR (default runs/eval/<model folder name>)")
-    p.add_argument("--data-dir", default=None, help="local copies instead of the hub (layout below); toy "
-                   "without it: a toy test set is made in RUN_DIR/toy-data")
-    p.add_argument("--limit", type=int, default=None, help="first N questions per benchmark (DynaMath: N seeds "
-                   "with their variants, WeMath: N problems with their sub-problems) (default all)")
-    p.add_argument("--backend", default="auto", choices=("auto", "vllm", "hf", "openai"), help="generation backend "
-                   "(default auto: vllm on a GPU when installed, else hf)")
-    p.add_argument("--max-new-tokens", type=int, default=800, help="default 800 (paper, SPEC §4); VLMEvalKit: 2048")
-    p.add_argument("--min-pixels", type=int, default=None, help="image resize floor (default: the checkpoint's)")
-    p.add_argument("--max-pixels", type=int, default=256 * 32 * 32, help="image resize ceiling (default 262144 = "
-                   "256*32*32, the paper's); with --backend openai the server decides (--mm-processor-kwargs)")
-    p.add_argument("--no-system-prompt", action="store_true", help="leave out VLAA-Thinker's system prompt (base "
-                   "models get the chat template's default; default: use it)")
-    p.add_argument("--batch-size", type=int, default=None, help="questions per generate call and per flush to "
-                   "predictions.jsonl (default 16 on hf; 512 on vllm/openai, which batch by themselves)")
-    p.add_argument("--device", default=None, help="hf backend device (default cuda if available, else cpu)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per engine (default 1)")
-    p.add_argument("--base-url", default=None, help="openai: server URL(s), comma list (default $OPENAI_BASE_URL)")
-    p.add_argument("--judge-backend", default=None, choices=("openai", "vllm", "hf"), help="an LLM that extracts "
-                   "answers the rules miss and grades toy/jsonl `open` ones (default none: `open` dropped)")
-    p.add_argument("--judge-model", default="gpt-4o-mini", help="judge model (default gpt-4o-mini, VLMEvalKit's)")
-    p.add_argument("--judge-base-url", default=None, help="openai judge URL (default $OPENAI_BASE_URL)")
-    return p.parse_args(argv)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Loading: from the hub (needs internet) or a local copy with the same field names
-
-HUB = {  # the splits the leaderboard scores (eval-scoring.md §1): hub id, config, splits
-    "mathvista": ("AI4Math/MathVista", None, ["testmini"]),
-    "mathvision": ("MathLLMs/MathVision", None, ["test"]),
-    "mathverse": ("AI4Math/MathVerse", "testmini", ["testmini"]),
-    "dynamath": ("DynaMath/DynaMath_Sample", None, [f"sample_variant{k}" for k in range(1, 11)]),
-    "wemath": ("We-Math/We-Math", None, ["testmini"]),
-    "logicvista": ("lscpku/LogicVista", None, ["test"]),
+PRESETS = {  # decoding is greedy in both: VLMEvalKit's temperature 0.01 with top_k 1 is greedy
+    "paper": {"max_new_tokens": 800, "min_pixels": None, "max_pixels": 256 * 32 * 32},
+    "vlmevalkit": {"max_new_tokens": 2048, "min_pixels": 1280 * 28 * 28, "max_pixels": 16384 * 28 * 28},
 }
-IMAGE_FIELDS = ("image", "image_path", "decoded_image")  # where the benchmarks keep the picture
-
-
-def load_hub(name):
-    """All records of a benchmark from the Hugging Face hub, the decoded (PIL) image in `image`."""
-    import datasets
-
-    (hub_id, config, splits), records = HUB[name], []
-    for variant, split in enumerate(splits, 1):
-        ds = datasets.load_dataset(hub_id, config, split=split)
-        if name == "mathverse":  # SPEC §4: the Vision Only version (the question is drawn in the image)
-            ds = ds.filter(lambda v: v == "Vision Only", input_columns="problem_version")
-        for rec in ds:
-            image = next(rec[f] for f in ("decoded_image", "image", "image_path") if hasattr(rec.get(f), "convert"))
-            rec = {k: v for k, v in rec.items() if k not in IMAGE_FIELDS} | {"image": image}
-            records.append(rec | ({"variant": variant} if name == "dynamath" else {}))
-    return records
-
-
-def load_local(name, data_dir, need):
-    """D/<name>.jsonl (or the file D); errors name the file, the line and the field. Images made absolute."""
-    path = data_dir if os.path.isfile(data_dir) else os.path.join(data_dir, f"{name}.jsonl")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{name}: no such file {path}\n{LAYOUT}")
-    root, records = os.path.dirname(os.path.abspath(path)), []
-    for i, rec in jsonl.read_jsonl(path):  # bad JSON: an error naming file:line
-        where = f"{path}:{i}"
-        if name == "mathverse" and rec.get("problem_version", "Vision Only") != "Vision Only":
-            continue  # a copy of all five versions: keep the one the leaderboard scores
-        if missing := [f for f in need if f not in rec]:  # not records.require: LogicVista has one empty answer
-            raise ValueError(f"{where}: missing field '{missing[0]}' (record has: {', '.join(sorted(rec))})")
-        image = next((rec[f] for f in IMAGE_FIELDS if isinstance(rec.get(f), str) and rec[f]), None)
-        if image is None:
-            raise ValueError(f"{where}: missing field 'image' (a path in 'image', 'image_path' or 'decoded_image')")
-        image = image if os.path.isabs(image) else os.path.join(root, image)
-        if not os.path.exists(image):
-            raise FileNotFoundError(f"{where}: field 'image': no such file {image}")
-        records.append(rec | {"image": image})
-    return records
-
-
-def key(rec):  # a question's unique key: its id; DynaMath's `id` is the seed's, shared by its 10 variants
-    return f"{rec['id']}#v{rec['variant']}" if "variant" in rec else str(rec["id"])
-
-
-def make_loader(name, need, make_id, group=key):
-    """-> load(data_dir=None, limit=None): records with their own fields, a str `id` (make_id(rec, row)) and
-    an `image`. --limit counts `group`s: a DynaMath seed with its variants, a WeMath problem with its parts."""
-    def load(data_dir=None, limit=None):
-        records = load_local(name, data_dir, need) if data_dir else load_hub(name)
-        for i, rec in enumerate(records, 1):
-            rec["id"] = str(make_id(rec, i))
-        if limit is not None:
-            keep = set(list(dict.fromkeys(map(group, records)))[:limit])
-            records = [r for r in records if group(r) in keep]
-        if dup := [k for k, n in Counter(map(key, records)).items() if n > 1]:
-            raise ValueError(f"{name}: duplicate question {dup[0]!r}")
-        return records
-    return load
-
 
 # ----------------------------------------------------------------------------------------------------
-# Answer extraction: the <answer> block, then the last \boxed{}, then the benchmark's own pattern
-
-
-def last_boxed(text):
-    """Content of the last \\boxed{...}, braces balanced (\\boxed{\\frac{1}{2}}); None if none or unclosed."""
-    start = (text or "").rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j].strip() or None
-    return None  # unclosed: cut off by max_new_tokens
-
-
-def rule_answer(rec, response, answer_is=True):
-    """The last `<answer>` block (as VLMEvalKit's VLAA-Thinker post-processing) and a \\boxed{} inside it, else
-    the last \\boxed{}; else, with answer_is, '...the answer is X.' (MathVista's quick regex, MATH-V's phrases)."""
-    block = rewards.extract_answer(response)
-    if (found := (last_boxed(block) or block) if block else last_boxed(response)) or not answer_is:
-        return found
-    said = re.findall(r"answer is[:\s]*(.+)", response or "", re.IGNORECASE)
-    return (said[-1].strip().strip("*$").rstrip(".").strip() or None) if said else None
-
-
-def leading_letters(text, letters="ABCDEFGH"):
-    """The option letters an answer starts with: 'B' -> B, '(C) 45' -> C, 'B, D' / 'B and D' -> BD, 'A cat' -> A."""
-    out = []
-    for tok in re.split(r"[\s,;&()\[\].:*]+", (text or "").strip()):
-        if tok in ("", "and"):
-            continue
-        if len(tok) != 1 or tok not in letters:
-            break
-        out.append(tok)
-    return "".join(out)
-
-
-def to_number(text):
-    """The number an answer states: '1,234.5 m' -> 1234.5, 'x = 3' -> 3 (after the last '='); else None."""
-    s = re.sub(r"(?<=\d),(?=\d{3})", "", str(text).split("=")[-1])
-    m = re.search(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?", s)
-    return float(m.group()) if m else None
-
-
-def edit_distance(a, b):
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
-# ----------------------------------------------------------------------------------------------------
-# MathVista (testmini, 1000). Official: lupantech/MathVista evaluation/calculate_score.py
+# The benchmarks: what the model is asked (the prompts differ between rule sets where the codes differ)
 
 
 def with_choices(question, choices):
@@ -233,95 +70,36 @@ def with_choices(question, choices):
 
 
 def mathvista_prompt(rec):
-    # `query` is the official prompt (hint, question, choices); VLMEvalKit's TSV question is the same text
+    # `query` holds the official prompt (hint, question, choices), the text VLMEvalKit's MathVista_MINI asks
     return rec.get("query") or with_choices(rec["question"], rec.get("choices"))
 
 
-def mathvista_extract(rec, response):
-    if (found := rule_answer(rec, response)) or rec["question_type"] != "multi_choice":
-        return found
-    # VLMEvalKit's can_infer: exactly one option letter stands alone among the tokens, and in the last 5
-    tokens = re.sub(r"[.()\[\],:;!*#{}]", " ", response or "").split()
-    letters = {t for t in tokens if len(t) == 1 and "A" <= t < chr(65 + len(rec["choices"]))}
-    return letters.pop() if len(letters) == 1 and any(t in letters for t in tokens[-5:]) else None
+def mathvision_prompt(rec):
+    return with_choices(rec["question"], rec.get("options"))
 
 
-def mathvista_is_correct(rec, answer):
-    """Official normalize_extracted_answer, then string equality with the gold `answer`."""
-    if answer is None:
-        return False
-    answer = str(answer).strip()
-    if rec["question_type"] == "multi_choice":
-        choices = [str(c) for c in rec["choices"]]
-        letter = re.findall(r"\(([a-zA-Z])\)", answer)  # "(B) 12" -> "B"
-        answer = letter[0].upper() if letter else answer
-        if answer in [chr(65 + i) for i in range(len(choices))]:  # a letter maps to its choice text
-            pred = choices[ord(answer) - 65]
-        else:  # anything else: the nearest choice by edit distance (official get_most_similar)
-            pred = min(choices, key=lambda c: edit_distance(answer, c))
-        return pred == rec["answer"]
-    try:  # official: float(extraction); ours also reads '12 cm' (its LLM extractor would have)
-        value = float(answer) if re.fullmatch(r"[-+]?[\d.]+(?:[eE][-+]?\d+)?", answer) else to_number(answer)
-        if rec["answer_type"] == "integer":  # integers compared as integers
-            pred = str(int(value))
-        elif rec["answer_type"] == "float":  # rounded to the item's precision (None: round(x) -> int, as official)
-            pred = str(round(value, None if rec.get("precision") is None else int(rec["precision"])))
-        else:  # list (2 items): the string itself
-            pred = answer
-    except (TypeError, ValueError, OverflowError):
-        return False
-    return pred == str(rec["answer"])
+def mathverse_prompt(rec):  # the leaderboard's MathVerse_MINI_Vision_Only: the direct-answer instruction (the
+    return rec.get("query_wo") or rec["question"]  # question is drawn in the image; official `question` is empty)
 
 
-# ----------------------------------------------------------------------------------------------------
-# MathVision (test, 3040). Official: mathllm/MATH-V evaluation/evaluate.py and utils.py
+def mathverse_cot_prompt(rec):
+    return rec.get("query_cot") or rec["question"]  # the official repository's chain-of-thought prompt
 
 
-def mathv_clean(s):
-    """MATH-V's find_math_answer, short: lower case, after the last = or \\approx, no spaces/degrees/$/%/\\text."""
-    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", str(s).lower().split("=")[-1].split("\\approx")[-1])
-    for junk in (" ", "\\left", "\\right", "^{\\circ}", "^\\circ", "°", "\\$", "$", "\\%", "%", "\\!", "\\,"):
-        s = s.replace(junk, "")
-    s = re.sub(r"^\(([a-e])\)$", r"\1", s.replace("dfrac", "frac").replace("tfrac", "frac"))
-    return s.rstrip(".").lstrip(":")
-
-
-def math_equal(pred, gold, places=2):
-    """MATH-V's is_equal without its eval(): same string, else numbers equal to 2 decimals, else math-verify."""
-    if not pred or not gold or pred == gold:
-        return bool(pred) and pred == gold
-    try:
-        return round(float(pred), places) == round(float(gold), places)
-    except ValueError:
-        pass
-    if re.fullmatch(r"[a-z]", pred) or re.fullmatch(r"[a-z]", gold):  # option letters: the string compare decided
-        return False
-    return rewards.math_reward(pred, gold) >= 1.0
-
-
-def mathvision_is_correct(rec, answer):
-    """Official: is_equal(gt, pred) or is_equal(text of the gt option, pred)."""
-    gold, options = str(rec["answer"]), rec.get("options") or []
-    golds = [gold] + ([options[ord(gold) - 65]] if len(gold) == 1 and 0 <= ord(gold) - 65 < len(options) else [])
-    return answer is not None and any(math_equal(mathv_clean(answer), mathv_clean(g)) for g in golds)
-
-
-# ----------------------------------------------------------------------------------------------------
-# DynaMath (501 seeds x 10 variants). Official: DynaMath/DynaMath evaluation/opensource_json_eval.py
-
-DYNAMATH_GUIDE = """
-## Answer Instruction Please provide an answer to the question outlined above. Your response should adhere \
-to the following JSON format, which includes two keys: 'solution' and 'short answer'. The 'solution' key can contain \
-detailed steps needed to solve the question, and the 'short answer' key should provide a concise response. {inst}
-
-Example of expected JSON response format:
-
-""" + json.dumps({"solution": "[Detailed step-by-step explanation]", "short answer": "[Concise Answer]"}, indent=4)
-DYNAMATH_INST = {  # VLMEvalKit's DynaMath prompt (dynamath.py build_prompt), the official guide per answer type
-    "multiple choice": "Provide the corresponing choice option in the 'short answer' key, such as 'A', 'B', "
-                       "'C', or 'D'.",
+DYNAMATH_GUIDE = (  # VLMEvalKit dynamath.py Dynamath.GUIDE and EXAMPLE, copied from the official guide
+    "\n## Answer Instruction Please provide an answer to the question outlined above. Your response should adhere "
+    "to the following JSON format, which includes two keys: 'solution' and 'short answer'. The 'solution' key can "
+    "contain detailed steps needed to solve the question, and the 'short answer' key should provide a concise "
+    "response. {inst}\n\nExample of expected JSON response format:\n\n"
+    '{\n    "solution": "[Detailed step-by-step explanation]",\n    "short answer": "[Concise Answer]"\n}')
+DYNAMATH_INST = {
+    "multiple choice": "Provide the corresponing choice option in the 'short answer' key, such as 'A', 'B', 'C', "
+                       "or 'D'.",
     "float": "Format the answer as a three-digit floating-point number and provide it in the 'short answer' key.",
     "text": "Float numbers in the answer should be formatted as three-digit floating-point numbers."}
+DYNAMATH_OFFICIAL_INST = (  # opensource_json_eval.py: one instruction for every answer type
+    "If the problem is a multiple choice problem, just provide the corresponing choice option, such as 'A', 'B', "
+    "'C', or 'D'. If the answer is a numerical value, format it as a three-digit floating-point number.")
 
 
 def dynamath_prompt(rec):
@@ -329,75 +107,58 @@ def dynamath_prompt(rec):
     return f"## Question\n {rec['question']}" + DYNAMATH_GUIDE.replace("{inst}", inst)
 
 
-def dynamath_extract(rec, response):
-    """<answer>/\\boxed{}, else the JSON's "short answer" (outermost {...}, backslashes dropped, as official).
-    The official then takes the last line; we follow VLMEvalKit: no answer (its judge, ours if given)."""
-    if (found := rule_answer(rec, response, False)) or not 0 <= (s := str(response)).find("{") < s.rfind("}"):
-        return found
-    try:
-        short = json.loads(s[s.find("{"):s.rfind("}") + 1].replace("\\", ""), strict=False).get("short answer")
-    except (ValueError, AttributeError):  # not JSON, or JSON but not an object
-        return None
-    return (str(short).strip() or None) if short is not None else None
-
-
-def dynamath_is_correct(rec, answer):
-    if answer is None:
-        return False
-    gold, answer = str(rec["ground_truth"]).strip(), str(answer).strip()
-    if rec["answer_type"] == "float":  # official: the first token, 'π' multiplies, right within 0.001
-        first = answer.split(" ")[0]
-        try:
-            value = float(first.split("π")[0]) * math.pi if "π" in first else float(first)
-        except ValueError:
-            value = to_number(answer)  # ours: '$3.142$' or '3.142cm' (VLMEvalKit's judge would clean these)
-        return value is not None and abs(value - float(gold)) <= 0.001
-    if rec["answer_type"] == "multiple choice":  # official: one letter equal, else the gold in the first 3 chars
-        return answer == gold if len(answer) == 1 else gold in answer[:3]
-    return gold in answer  # text: official "gt in answer" (VLMEvalKit checks the other way round)
-
-
-def dynamath_aggregate(rows):
-    """Average over all rows, and the worst case the leaderboard reports: a seed (`id`) counts only if all its
-    variants are right (VLMEvalKit dynamath.py; eval-scoring.md §0)."""
-    seeds = defaultdict(list)
-    for r in rows:
-        seeds[r["id"]].append(bool(r["correct"]))
-    return {"average": mean(r["correct"] for r in rows), "worst_case": mean(all(v) for v in seeds.values()),
-            "n": len(rows), "n_seeds": len(seeds)}
-
-
-# ----------------------------------------------------------------------------------------------------
-# WeMath (testmini: 525 problems, 1740 rows). Official: We-Math/We-Math evaluation/four_dimensional_metrics.py
+def dynamath_official_prompt(rec):
+    ask_float = "Please answer in a floating-point number." if rec["answer_type"] == "float" else ""
+    return "## Question\n" + rec["question"] + ask_float + DYNAMATH_GUIDE.replace("{inst}", DYNAMATH_OFFICIAL_INST)
 
 
 def wemath_prompt(rec):
-    # VLMEvalKit's WeMath prompt ("Question: ...\nOptions:\nA. ..."), from the official one-string `option`
-    options = [o.strip() for o in re.split(r";\s*(?=[A-H]\.)", rec["option"]) if o.strip()]
-    return f"Question: {rec['question']}\nOptions:\n" + "\n".join(options)
+    """VLMEvalKit WeMath.build_prompt: the question, then one option a line."""
+    options = "".join(f"{letter}. {text}\n" for letter, text in B.wemath_options(rec["option"]).items())
+    return f"Question: {rec['question']}\nOptions:\n{options}"
 
 
-def wemath_extract(rec, response):
-    """<answer>/\\boxed{}, else the official rule: what follows the last 'Answer' ('<Answer>: <<option>>')."""
-    if (found := rule_answer(rec, response, False)) or "Answer" not in (response or ""):
-        return found
-    return re.sub(r"[><:.]", "", response.split("Answer")[-1]).strip() or None
+WEMATH_FORMAT = ("Regarding the format, please answer following the template below, and be sure to include two <> "
+                 "symbols:\n<Thought process>: <<your thought process>> <Answer>: <<your option>>")
 
 
-def wemath_is_correct(rec, answer):
-    # official: strip '><:.', take the first character if it is A-H; ours also reads '(B)'
-    return answer is not None and leading_letters(re.sub(r"[><:.]", " ", str(answer)))[:1] == rec["answer"]
+def wemath_official_prompt(rec):
+    return wemath_prompt(rec) + "\n" + WEMATH_FORMAT  # the official rule reads what follows "Answer"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Aggregates: accuracy, DynaMath's worst case, WeMath's four dimensions
+
+
+def mean(values):
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else 0.0
+
+
+def accuracy(rows):
+    return {"accuracy": mean(r["correct"] for r in rows), "n": len(rows)}
+
+
+def dynamath_aggregate(rows):
+    """The average, and the worst case the leaderboard reports: a seed (`id`) counts only if all its variants are
+    right (VLMEvalKit dynamath.py Dynamath.evaluate)."""
+    seeds = defaultdict(list)
+    for r in rows:
+        seeds[r["id"]].append(bool(r["correct"]))
+    worst = mean(all(verdicts) for verdicts in seeds.values())
+    return {"average": mean(r["correct"] for r in rows), "worst_case": worst, "n": len(rows), "n_seeds": len(seeds)}
 
 
 def wemath_aggregate(rows):
-    """Four dimensions over problems (`ID`) with parts `key` = Nsteps_1..N, Nsteps_multi. IK: a step wrong, the
-    composite wrong; IG: steps right, composite wrong; CM: steps right, composite right; RM: a step wrong, composite
-    right (loose: CM needs one step right, RM all wrong). Score = (n - 0.5 IG - RM - IK) / n = (CM + 0.5 IG) / n;
-    the official n is 525 (all of testmini), ours the complete problems present (525 on the full set)."""
+    """The four dimensions of the official four_dimensional_metrics.py over problems (`ID`), parts `key` Nsteps_1..N
+    and Nsteps_multi. IK: a step wrong, the composite wrong; IG: steps right, composite wrong; CM: both right; RM: a
+    step wrong, composite right (loose: CM needs one step right, RM all wrong). Score = (CM + 0.5 IG) / n, n the
+    complete problems present (the official 525 on the full set)."""
     problems, n_steps = defaultdict(dict), {}
     for r in rows:  # key "3steps_2": part 2 of a 3-step problem; "3steps_multi": the composite question
         steps, part = r["key"].split("steps_")
-        problems[r["ID"]][part], n_steps[r["ID"]] = bool(r["correct"]), int(steps)
+        problems[r["ID"]][part] = bool(r["correct"])
+        n_steps[r["ID"]] = int(steps)
     c = Counter()
     for pid, parts in problems.items():
         steps = [parts.get(str(i)) for i in range(1, n_steps[pid] + 1)]
@@ -414,178 +175,397 @@ def wemath_aggregate(rows):
     return out | {"accuracy": mean(r["correct"] for r in rows), "n": len(rows), "n_problems": c["n"]}
 
 
-# ----------------------------------------------------------------------------------------------------
-# MathVerse (testmini, Vision Only, 788) and LogicVista (test, 448): officially scored by LLMs; rules here.
-# MathVerse (ZrrSkywalker/MathVerse): an LLM extracts, an LLM judges; its rule mode (--quick_match) is string
-# equality. Ours: the letter for multi-choice, else quick_match, then MATH-V's cleaning and math-verify (generous
-# normalisation, eval-scoring.md §2; it still under-counts without a judge). LogicVista (Yijia-Xiao/LogicVista
-# eval/extract_accuracy.py): GPT-4 extracts the chosen letters, compared with the gold ones ("B, D"); VLMEvalKit
-# always asks gpt-4o-mini. Ours: the letters the answer starts with, as sets.
-
-
-def mathverse_is_correct(rec, answer):
-    if answer is None:
-        return False
-    gold = str(rec["answer"]).strip()
-    if rec["question_type"] == "multi-choice":
-        return leading_letters(answer)[:1] == leading_letters(gold)[:1] != ""
-    return str(answer).strip() == gold or math_equal(mathv_clean(answer), mathv_clean(gold))
-
-
-def logicvista_is_correct(rec, answer):
-    gold = set(leading_letters(str(rec["answer"]), "ABCDE"))
-    return answer is not None and bool(gold) and set(leading_letters(str(answer), "ABCDE")) == gold
-
-
-# ----------------------------------------------------------------------------------------------------
-# toy and jsonl (DESIGN-schema records, scored with rewards.py), then the registry: plain functions per benchmark
-
-
-def load_schema(data_dir=None, limit=None):
-    if data_dir is None:
-        raise ValueError("toy/jsonl need --data-dir: a DESIGN-schema JSONL file, or a folder holding test.jsonl")
-    path = os.path.join(data_dir, "test.jsonl") if os.path.isdir(data_dir) else data_dir
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no such file {path}: --data-dir is a JSONL file, or a folder holding test.jsonl")
-    return records.load_records(path, need=("question", "answer", "verifier_type"))[:limit]
-
-
 def schema_is_correct(rec, answer):
-    """rewards.py's verifier gives 1; iou: IoU >= 0.5 (DESIGN). `open`: graded by the judge (score_benchmark)."""
+    """rewards.py's verifier and its "counts as correct" rule (iou: IoU >= 0.5). `open`: graded by the judge."""
     if answer is None or rec["verifier_type"] == "open":
         return False
-    return rewards.VERIFIERS[rec["verifier_type"]](answer, rec) >= (0.5 if rec["verifier_type"] == "iou" else 1.0)
+    return rewards.is_correct(rewards.VERIFIERS[rec["verifier_type"]](answer, rec))
 
 
 def schema_aggregate(rows):
-    out = {"accuracy": mean(r["correct"] for r in rows), "n": len(rows)}
+    out = accuracy(rows)
     for field in ("verifier_type", "task"):
         for value in sorted({r[field] for r in rows if r.get(field)}):
             out[f"{field}/{value}"] = mean(r["correct"] for r in rows if r.get(field) == value)
-    if ious := [r for r in rows if r.get("verifier_type") == "iou"]:
+    ious = [r for r in rows if r.get("verifier_type") == "iou"]
+    if ious:
         out["mean_iou"] = mean(rewards.iou_reward(r["extracted"], r) if r["extracted"] else 0.0 for r in ious)
     return out
 
 
+# ----------------------------------------------------------------------------------------------------
+# The registry: BENCHMARKS under VLMEvalKit's rules (the paper's table), OFFICIAL under the official repositories'
+
+
 class Benchmark(NamedTuple):
-    load: Callable        # (data_dir=None, limit=None) -> records
-    prompt: Callable      # record -> the question as the model sees it (the system prompt comes with the request)
-    extract: Callable     # (record, response) -> answer str or None
+    hub: tuple | None     # (hub id, config, splits) the leaderboard scores; None: toy/jsonl, our own files
+    fields: tuple         # fields a record must have; the first `ids` name the question
+    ids: tuple            # fields naming a question; the first names the group --limit counts (seed, problem)
+    prompt: Callable      # record -> the text the model is asked (the system prompt travels separately)
+    extract: Callable     # (record, text) -> the answer the text states by itself, or None (rules only)
     is_correct: Callable  # (record, answer) -> bool
     aggregate: Callable   # rows (records + response, extracted, correct) -> {metric: value}
     primary: str          # the metric the table reports
+    judge: str = "never"  # when the judge is asked: never, missing (no answer), prefetch (VLMEvalKit's), always
+    grade: Callable | None = None  # MathVerse: our rules standing in for the judge's grading step
 
 
-def mean(values):
-    values = [float(v) for v in values]
-    return sum(values) / len(values) if values else 0.0
+MATHVISTA = (("AI4Math/MathVista", None, ["testmini"]), ("pid", "question_type", "answer_type", "answer"), ("pid",))
+MATHVISION = (("MathLLMs/MathVision", None, ["test"]), ("id", "question", "answer"), ("id",))
+MATHVERSE = (("AI4Math/MathVerse", "testmini", ["testmini"]), ("sample_index", "question_type", "answer"),
+             ("sample_index",))
+DYNAMATH = (("DynaMath/DynaMath_Sample", None, [f"sample_variant{k}" for k in range(1, 11)]),
+            ("id", "variant", "question", "answer_type", "ground_truth"), ("id", "variant"))
+WEMATH = (("We-Math/We-Math", None, ["testmini"]), ("ID", "key", "question", "option", "answer"), ("ID", "key"))
+LOGICVISTA = (("lscpku/LogicVista", None, ["test"]), ("question", "answer"), ("id",))
+SCHEMA = (None, ("question", "answer", "verifier_type"), ("id",))
+QUESTION = itemgetter("question")  # the prompt of LogicVista and of our own records: the question as it is
 
-
-def accuracy(rows):
-    return {"accuracy": mean(r["correct"] for r in rows), "n": len(rows)}
-
-
-BENCHMARKS = {
-    "mathvista": Benchmark(make_loader("mathvista", ("pid", "question_type", "answer_type", "answer"),
-                                       lambda r, i: r["pid"]),
-                           mathvista_prompt, mathvista_extract, mathvista_is_correct, accuracy, "accuracy"),
-    "mathvision": Benchmark(make_loader("mathvision", ("id", "question", "answer"), lambda r, i: r["id"]),
-                            lambda r: with_choices(r["question"], r.get("options")), rule_answer,
-                            mathvision_is_correct, accuracy, "accuracy"),
-    "mathverse": Benchmark(make_loader("mathverse", ("sample_index", "question_type", "answer"),
-                                       lambda r, i: r["sample_index"]),  # query_cot: the official CoT prompt
-                           lambda r: r.get("query_cot") or r["question"], rule_answer, mathverse_is_correct,
-                           accuracy, "accuracy"),
-    "dynamath": Benchmark(make_loader("dynamath", ("id", "variant", "question", "answer_type", "ground_truth"),
-                                      lambda r, i: r["id"], group=itemgetter("id")),
-                          dynamath_prompt, dynamath_extract, dynamath_is_correct, dynamath_aggregate, "worst_case"),
-    "wemath": Benchmark(make_loader("wemath", ("ID", "key", "question", "option", "answer"),
-                                    lambda r, i: f"{r['ID']}/{r['key']}", group=itemgetter("ID")),
-                        wemath_prompt, wemath_extract, wemath_is_correct, wemath_aggregate, "score_strict"),
-    "logicvista": Benchmark(make_loader("logicvista", ("question", "answer"), lambda r, i: r.get("id", i)),
-                            itemgetter("question"), rule_answer, logicvista_is_correct, accuracy, "accuracy"),
-    "toy": Benchmark(load_schema, itemgetter("question"), lambda r, s: rewards.extract_answer(s), schema_is_correct,
-                     schema_aggregate, "accuracy"),
+BENCHMARKS = {  # vlmeval/dataset/... of VLMEvalKit d9fe347b (2025-04-07); vlaa/benchmarks.py cites each function
+    "mathvista": Benchmark(*MATHVISTA, mathvista_prompt, B.mathvista_extract, B.mathvista_vlmevalkit, accuracy,
+                           "accuracy", judge="prefetch"),
+    "mathvision": Benchmark(*MATHVISION, mathvision_prompt, B.mathvision_extract, B.mathvision_vlmevalkit, accuracy,
+                            "accuracy", judge="prefetch"),
+    "mathverse": Benchmark(*MATHVERSE, mathverse_prompt, B.mathverse_extract, B.mathverse_exact, accuracy,
+                           "accuracy", judge="always", grade=B.mathverse_grade),
+    "dynamath": Benchmark(*DYNAMATH, dynamath_prompt, B.dynamath_extract, B.dynamath_vlmevalkit, dynamath_aggregate,
+                          "worst_case", judge="missing"),
+    "wemath": Benchmark(*WEMATH, wemath_prompt, B.wemath_extract, B.wemath_vlmevalkit, wemath_aggregate,
+                        "score_strict", judge="missing"),
+    "logicvista": Benchmark(*LOGICVISTA, QUESTION, B.logicvista_extract, B.logicvista_vlmevalkit, accuracy,
+                            "accuracy", judge="always"),
+    "toy": Benchmark(*SCHEMA, QUESTION, None, schema_is_correct, schema_aggregate, "accuracy"),  # rewards.py reads
+    "jsonl": Benchmark(*SCHEMA, QUESTION, None, schema_is_correct, schema_aggregate, "accuracy"),  # <answer>
 }
-BENCHMARKS["jsonl"] = BENCHMARKS["toy"]
+OFFICIAL = BENCHMARKS | {  # each benchmark's own repository (vlaa/benchmarks.py cites the files)
+    "mathvista": BENCHMARKS["mathvista"]._replace(is_correct=B.mathvista_official, judge="missing"),
+    "mathvision": BENCHMARKS["mathvision"]._replace(extract=B.mathvision_official_extract,
+                                                    is_correct=B.mathvision_official, judge="never"),
+    "mathverse": BENCHMARKS["mathverse"]._replace(prompt=mathverse_cot_prompt),
+    "dynamath": BENCHMARKS["dynamath"]._replace(prompt=dynamath_official_prompt, extract=B.dynamath_official_extract,
+                                                is_correct=B.dynamath_official, judge="never"),
+    "wemath": BENCHMARKS["wemath"]._replace(prompt=wemath_official_prompt, extract=B.wemath_official_extract,
+                                            is_correct=B.wemath_official, judge="never"),
+    "logicvista": BENCHMARKS["logicvista"]._replace(is_correct=B.logicvista_official),
+}
+RULES = {"vlmevalkit": BENCHMARKS, "official": OFFICIAL}
 
 # ----------------------------------------------------------------------------------------------------
-# Generation (resumable: appended to RUN_DIR/predictions.jsonl as batches finish), then scoring
+# Arguments
+
+LAYOUT = """local copies (--data-dir D): D/<bench>.jsonl (or D is the file itself), one JSON object a line
+with the benchmark's official field names, and the image as a path relative to the file in `image`
+(or `image_path` / `decoded_image`). The fields each benchmark needs:
+  mathvista   pid question_type answer_type answer (+ query, choices, precision)
+  mathvision  id question answer (+ options)
+  mathverse   sample_index question_type answer (+ query_wo, query_cot); the Vision Only rows
+  dynamath    id (the seed's) variant (1-10) question answer_type ground_truth
+  wemath      ID key question option answer
+  logicvista  question answer
+  toy, jsonl  our record schema; --data-dir is the file, or a folder holding test.jsonl"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, epilog=LAYOUT,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder (04/05 output) or hub id")
+    p.add_argument("--bench", default="toy", help=f"comma list from: {', '.join(BENCHMARKS)}, or six (default toy)")
+    p.add_argument("--rules", default="vlmevalkit", choices=tuple(RULES), help="answer rules (default vlmevalkit: "
+                   "VLMEvalKit of April 2025, the paper's table; official: each benchmark's repository)")
+    p.add_argument("--preset", default="paper", choices=tuple(PRESETS), help="generation settings: paper (default: "
+                   "greedy, 800 new tokens, max_pixels 256*32*32) or vlmevalkit (VLMEvalKit's VLAA-Thinker config: "
+                   "2048 tokens, min/max pixels 1280*28*28 / 16384*28*28)")
+    p.add_argument("--out", default=None, help="RUN_DIR (default runs/eval/<model>[-official][-vlmevalkit-preset])")
+    p.add_argument("--overwrite", action="store_true", help="RUN_DIR holds another run: delete its outputs")
+    p.add_argument("--data-dir", default=None, help="local copies instead of the hub (layout below); toy "
+                   "without it: a toy test set is made in RUN_DIR/toy-data")
+    p.add_argument("--limit", type=int, default=None, help="first N questions per benchmark (DynaMath: N seeds "
+                   "with their variants, WeMath: N problems with their sub-problems) (default all)")
+    p.add_argument("--backend", default="auto", choices=("auto", "vllm", "hf", "openai"), help="default auto: vllm on "
+                   "a GPU when installed, else hf")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the preset's (800; vlmevalkit 2048)")
+    p.add_argument("--min-pixels", type=int, default=None, help="image resize floor (default: the preset's)")
+    p.add_argument("--max-pixels", type=int, default=None, help="image resize ceiling (default: the preset's); with "
+                   "--backend openai the server decides (--mm-processor-kwargs)")
+    p.add_argument("--no-system-prompt", action="store_true", help="no system prompt. Default: VLAA-Thinker's, for "
+                   "our 04/05 checkpoints and VLAA-Thinker (trained with it); pass this for base models such as "
+                   "Qwen/Qwen2.5-VL-*-Instruct, which the leaderboard ran without one")
+    p.add_argument("--batch-size", type=int, default=None, help="questions per generate call and per flush to "
+                   "predictions.jsonl (default 16 on hf; 512 on vllm/openai, which batch by themselves)")
+    p.add_argument("--device", default=None, help="hf: device (default cuda if available, else cpu)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per engine (default 1)")
+    p.add_argument("--base-url", default=None, help="openai: server URL(s), comma list (default $OPENAI_BASE_URL)")
+    p.add_argument("--api-key-env", help="openai: env variable holding the key (default $OPENAI_API_KEY; none with "
+                   "--base-url)")
+    p.add_argument("--judge-backend", choices=("openai", "vllm", "hf"), help="an LLM judge as VLMEvalKit's (and for "
+                   "toy/jsonl `open` records); default none: the rules stand in for it, `open` records are dropped")
+    p.add_argument("--judge-model", default="gpt-4o-mini", help="judge model (default gpt-4o-mini, VLMEvalKit's)")
+    p.add_argument("--judge-base-url", default=None, help="openai judge URL (default $OPENAI_BASE_URL)")
+    p.add_argument("--judge-api-key-env", help="the judge's key: as --api-key-env, with --judge-base-url")
+    args = p.parse_args(argv)
+    for field, value in PRESETS[args.preset].items():
+        if getattr(args, field) is None:
+            setattr(args, field, value)
+    return args
+
+
+def api_key(env_name, url):
+    """An OpenAI-compatible endpoint's key: the variable --*api-key-env names; else None (the client reads
+    $OPENAI_API_KEY) when no URL was given, so only OpenAI's own endpoint gets it; else "" (none sent)."""
+    if env_name:
+        if env_name not in os.environ:
+            raise SystemExit(f"no environment variable {env_name} (named by --api-key-env / --judge-api-key-env)")
+        return os.environ[env_name]
+    return None if url is None else ""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading: from the hub (needs internet) or a local copy with the same field names
+
+IMAGE_FIELDS = ("image", "image_path", "decoded_image")  # where the benchmarks keep the picture
+
+
+def load_hub(name, bench):
+    """All records of a benchmark from the Hugging Face hub, the decoded (PIL) image in `image`."""
+    import datasets
+
+    hub_id, config, splits = bench.hub
+    out = []
+    for variant, split in enumerate(splits, 1):
+        ds = datasets.load_dataset(hub_id, config, split=split)
+        if name == "mathverse":  # the leaderboard's version: the question is drawn in the image
+            ds = ds.select([i for i, v in enumerate(ds["problem_version"]) if v == "Vision Only"])
+        for rec in ds:
+            image = next(rec[f] for f in ("decoded_image", "image", "image_path") if hasattr(rec.get(f), "convert"))
+            rec = {k: v for k, v in rec.items() if k not in IMAGE_FIELDS} | {"image": image}
+            if name == "dynamath":
+                rec["variant"] = variant
+            out.append(rec)
+    return out
+
+
+def load_local(name, bench, data_dir):
+    """D/<name>.jsonl (or the file D); errors name the file, the line and the field. Images made absolute."""
+    path = data_dir if os.path.isfile(data_dir) else os.path.join(data_dir, f"{name}.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name}: no such file {path}\n{LAYOUT}")
+    root, out = os.path.dirname(os.path.abspath(path)), []
+    for i, rec in jsonl.read_jsonl(path):  # bad JSON: an error naming file:line
+        where = f"{path}:{i}"
+        if name == "mathverse" and rec.get("problem_version", "Vision Only") != "Vision Only":
+            continue  # a copy of all five versions: keep the one the leaderboard scores
+        missing = [f for f in bench.fields if f not in rec]  # present, maybe empty: LogicVista has an empty gold
+        if missing:
+            raise ValueError(f"{where}: missing field '{missing[0]}' (record has: {', '.join(sorted(rec))})")
+        image = next((rec[f] for f in IMAGE_FIELDS if isinstance(rec.get(f), str) and rec[f]), None)
+        if image is None:
+            raise ValueError(f"{where}: missing field 'image' (a path in 'image', 'image_path' or 'decoded_image')")
+        image = image if os.path.isabs(image) else os.path.join(root, image)
+        if not os.path.exists(image):
+            raise FileNotFoundError(f"{where}: field 'image': no such file {image}")
+        out.append(rec | {"image": image})
+    return out
+
+
+def load_schema(data_dir):
+    """toy/jsonl: our record files, checked at load (a gold answer its verifier cannot read names the file, line,
+    id and field)."""
+    path = os.path.join(data_dir, "test.jsonl") if os.path.isdir(data_dir) else data_dir
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file {path}: --data-dir is a JSONL file, or a folder holding test.jsonl")
+    return records.load_records(path, need=SCHEMA[1])
+
+
+def key(bench, rec):
+    """A question's id from its `ids` fields: "1", "2steps_1/2steps_multi", DynaMath's seed and variant "12#v3"."""
+    joint = "#v" if bench.ids[-1] == "variant" else "/"
+    return joint.join(str(rec[f]) for f in bench.ids)
+
+
+def load_benchmark(name, bench, args, judge):
+    """The records of one benchmark, each with a unique `qid`; --limit counts groups (a seed, a problem)."""
+    if bench.hub is None:
+        found = load_schema(args.data_dir or os.path.join(args.out, "toy-data"))
+    elif args.data_dir:
+        found = load_local(name, bench, args.data_dir)
+    else:
+        found = load_hub(name, bench)
+    for row, rec in enumerate(found, 1):
+        if "id" in bench.ids and rec.get("id") in (None, ""):
+            rec["id"] = str(row)  # LogicVista's copies may have no id: its row
+        rec["qid"] = f"{name}/{key(bench, rec)}"
+    if args.limit is not None:
+        groups = set(list(dict.fromkeys(str(rec[bench.ids[0]]) for rec in found))[:args.limit])
+        found = [rec for rec in found if str(rec[bench.ids[0]]) in groups]
+    duplicates = [qid for qid, n in Counter(rec["qid"] for rec in found).items() if n > 1]
+    if duplicates:
+        raise ValueError(f"{name}: duplicate question {duplicates[0].split('/', 1)[1]!r}")
+    if name == "dynamath":
+        check_dynamath(found, full=args.limit is None)
+    if bench.hub is None and judge is None:  # `open` needs a judge: dropped with a count rather than scored 0
+        kept = [r for r in found if r["verifier_type"] != "open"]
+        if len(kept) < len(found):
+            print(f"{name}: dropped {len(found) - len(kept)} open-ended records (no --judge-backend to grade them)")
+        found = kept
+    print(f"{name}: {len(found)} questions")
+    return found
+
+
+def check_dynamath(found, full):
+    """Worst case needs every variant of every seed: with one missing, a seed's worst case is the mean of what is
+    left, and without the split into variants it equals the average. The full set is 501 seeds x 10 variants."""
+    variants = defaultdict(set)
+    for rec in found:
+        variants[str(rec["id"])].add(int(rec["variant"]))
+    counts = Counter(len(v) for v in variants.values())
+    if full and (len(variants), dict(counts)) != (501, {10: 501}):
+        raise ValueError(f"dynamath: {len(variants)} seeds with {dict(counts)} variants (count: seeds); the full set "
+                         "is 501 seeds x 10 variants (use --limit N for the first N seeds)")
+    if len(counts) > 1:
+        raise ValueError(f"dynamath: seeds have different numbers of variants ({dict(counts)}): worst case needs all")
+
+
+def data_identity(args):
+    """The hub (toy: made in RUN_DIR), or the sha256 of every JSONL file of --data-dir: a benchmark added to the
+    run later keeps its identity, an edited copy changes it."""
+    if args.data_dir is None:
+        return "hub; toy: made in RUN_DIR/toy-data, seed 0"
+    d = args.data_dir
+    files = [d] if os.path.isfile(d) else sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".jsonl"))
+    return {"path": os.path.abspath(d), "sha256": {os.path.basename(f): sha256_file(f) for f in files}}
+
+
+def sha256_file(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation (resumable: appended to RUN_DIR/predictions.jsonl as batches finish)
 
 
 def backend_options(args):
     """Each backend's own knobs (backends.make_backend passes them on); with openai the server resizes images."""
-    px = {"min_pixels": args.min_pixels, "max_pixels": args.max_pixels}
-    return {"hf": {"batch_size": args.batch_size, "device": args.device, **px}, "openai": {"base_url": args.base_url},
-            "vllm": {"tensor_parallel_size": args.tensor_parallel_size, **px}}[args.backend]
+    pixels = {"min_pixels": args.min_pixels, "max_pixels": args.max_pixels}
+    if args.backend == "hf":
+        return {"batch_size": args.batch_size, "device": args.device, **pixels}
+    if args.backend == "vllm":
+        return {"tensor_parallel_size": args.tensor_parallel_size, **pixels}
+    return {"base_url": args.base_url, "api_key": api_key(args.api_key_env, args.base_url)}
 
 
-def generate(args, data):
+def generate(args, data, rules):
     """Answer every question not yet in predictions.jsonl; the model is loaded only if there is work."""
     from tqdm import tqdm
 
     path = os.path.join(args.out, "predictions.jsonl")
     done, f, _ = jsonl.open_output(path)  # ids already answered; a torn last line is cut and redone
-    todo = [(name, rec) for name, records in data.items() for rec in records if f"{name}/{key(rec)}" not in done]
+    todo = [(name, rec) for name, recs in data.items() for rec in recs if rec["qid"] not in done]
     if done and todo:
         print(f"{path}: {len(done)} answers already there, resuming")
     gen = backends.make_backend(args.backend, args.model, **backend_options(args)) if todo else None
     system = None if args.no_system_prompt else qwen.SYSTEM_PROMPT
     with f, tqdm(total=len(todo), desc="generate", unit="q", disable=not todo) as bar:
-        for s in range(0, len(todo), args.batch_size):
-            chunk = todo[s:s + args.batch_size]
-            requests = [{"prompt": BENCHMARKS[name].prompt(rec), "system": system,
-                         "image": records.load_image(rec["image"], f"{name}/{key(rec)}")
-                         if isinstance(rec["image"], str) else rec["image"].convert("RGB")} for name, rec in chunk]
-            outs = gen(requests, n=1, max_new_tokens=args.max_new_tokens, temperature=0.0)  # greedy (SPEC §4)
+        for start in range(0, len(todo), args.batch_size):
+            chunk = todo[start:start + args.batch_size]
+            requests = []
+            for name, rec in chunk:
+                image = rec["image"] if isinstance(rec["image"], str) else rec["image"].convert("RGB")
+                requests.append({"prompt": rules[name].prompt(rec), "system": system, "image": image})
+            outs = gen(requests, n=1, max_new_tokens=args.max_new_tokens, temperature=0.0)  # greedy
             for (name, rec), out in zip(chunk, outs):
-                jsonl.append_jsonl(f, {"id": f"{name}/{key(rec)}", "bench": name, "response": out[0]})
+                jsonl.append_jsonl(f, {"id": rec["qid"], "bench": name, "response": out[0]})
             bar.update(len(chunk))
 
 
-# Scoring: rules first; the LLM judge only where they find nothing (VLMEvalKit's prefetch does the same)
-
-JUDGE_EXTRACT = ("Below are a question and a model's response to it. Extract the model's final answer. Reply with "
-                 "the answer only: the option letter(s) for a multiple-choice question, else a number or a short "
-                 "expression. Reply NONE if the response gives no answer.\n\nQuestion: {q}\n\nResponse: {r}")
-# the paper's verify prompt (SPEC §1 step 5, assets/prompts/4.verify.txt), for toy/jsonl `open` answers
-JUDGE_VERIFY = ("You are a fair evaluator. Given a question, its groundtruth and an answer, output 'Yes' if the "
-                "answer aligns with the groundtruth, otherwise 'No'. Output only Yes or No.\n\nQuestion: {q}\n\n"
-                "Groundtruth: {gold}\n\nAnswer: {pred}")
+# ----------------------------------------------------------------------------------------------------
+# The judge
 
 
-def ask_judge(judge, path, items):
-    """items: [(id, prompt)] -> {id: reply}. Replies are appended to `path`: a rerun asks only new ones."""
-    done = {r["id"]: r["reply"] for _, r in jsonl.read_jsonl(path)} if os.path.exists(path) else {}
-    if todo := [(i, p) for i, p in items if i not in done]:
-        replies = judge([{"prompt": p, "image": None, "system": None} for _, p in todo], n=1, max_new_tokens=64,
+def ask_judge(judge, judge_model, path, items):
+    """items: [(id, prompt)] -> {id: reply}. Replies are kept in `path` under a hash of the judge model and prompt:
+    a rerun asks only what it has not asked this judge before."""
+    done = {}
+    if os.path.exists(path):
+        done = {r["id"]: r["reply"] for r in jsonl.read_output(path)[0]}
+    hashed = [(hashlib.sha256(f"{judge_model}\n{p}".encode()).hexdigest()[:16], i, p) for i, p in items]
+    todo = [(h, p) for h, _, p in hashed if h not in done]
+    if todo:
+        replies = judge([{"prompt": p, "image": None, "system": None} for _, p in todo], n=1, max_new_tokens=128,
                         temperature=0.0)
         with jsonl.open_output(path)[1] as f:
-            for (i, _), reply in zip(todo, replies):
-                done[i] = reply[0].strip()
-                jsonl.append_jsonl(f, {"id": i, "reply": done[i]})
-    return done
+            for (h, _), reply in zip(todo, replies):
+                done[h] = reply[0].strip()
+                jsonl.append_jsonl(f, {"id": h, "reply": done[h]})
+    return {i: done[h] for h, i, _ in hashed}
 
 
-def score_benchmark(name, records, responses, judge=None, judge_path=None):
-    """-> rows: each record's JSON-able fields + response, extracted, extracted_by (rule/judge/None), correct."""
-    bench, rows, replies = BENCHMARKS[name], [], {}
-    for rec in records:
-        extracted = bench.extract(rec, response := responses[f"{name}/{key(rec)}"])
-        rows.append({k: v for k, v in rec.items() if not hasattr(v, "convert")}  # PIL images stay out
-                    | {"response": response, "extracted": extracted, "extracted_by": extracted and "rule"})
-    if judge is not None:
-        schema = name in ("toy", "jsonl")  # there a missing <answer> stays wrong (the paper's format reward)
-        ask = [(f"{name}/{key(r)}", JUDGE_EXTRACT.format(q=bench.prompt(r), r=r["response"][-4000:]))
-               for r in rows if r["extracted"] is None and not schema]
-        ask += [(f"{name}/{key(r)}/verify", JUDGE_VERIFY.format(q=r["question"], gold=r["answer"], pred=r["extracted"]))
-                for r in rows if schema and r["verifier_type"] == "open" and r["extracted"] is not None]
-        replies = ask_judge(judge, judge_path, ask)
-    for r in rows:
-        if r["extracted"] is None and replies.get(f"{name}/{key(r)}", "NONE").upper() != "NONE":
-            r["extracted"], r["extracted_by"] = replies[f"{name}/{key(r)}"], "judge"
-        verdict = replies.get(f"{name}/{key(r)}/verify")
-        r["correct"] = verdict.lower().startswith("yes") if verdict else bool(bench.is_correct(r, r["extracted"]))
+# ----------------------------------------------------------------------------------------------------
+# Scoring: the rules first, then the judge where VLMEvalKit asked it
+
+
+def answer_phrase(text):
+    """What follows the last "answer is" ("So the answer is 12 cm." -> "12 cm")."""
+    said = re.findall(r"answer is[:\s]*(.+)", text or "", re.IGNORECASE)
+    return said[-1].strip().strip("*$").rstrip(".").strip() if said else None
+
+
+def rule_answer(bench, rec, prediction):
+    """The answer the rules read: the benchmark's reading of the prediction itself (the <answer> block, or the
+    whole response when it is itself an answer: "2", "B, D"), else of its last \\boxed{}, else of its "answer is"."""
+    for text in (prediction, rewards.last_boxed(prediction), answer_phrase(prediction)):
+        if text:
+            answer = bench.extract(rec, text)
+            if answer is not None:
+                return answer
+    return None
+
+
+def needs_judge(bench, rec, row):
+    if bench.judge == "prefetch":  # VLMEvalKit's prefetch skips it for a letter it can read, or a right answer
+        multiple_choice = rec.get("question_type") == "multi_choice" or bool(rec.get("options"))
+        return row["extracted"] is None or not (multiple_choice or row["correct"])
+    return bench.judge == "always" or (bench.judge == "missing" and row["extracted"] is None)
+
+
+def score_benchmark(name, bench, recs, responses, judge=None, judge_model=None, judge_path=None):
+    """-> rows: the record's fields + response, prediction, extracted, extracted_by (rule/judge/None), correct."""
+    rows = []
+    for rec in recs:
+        response = responses[rec["qid"]]
+        prediction = rewards.extract_answer(response) if bench.hub is None else B.answer_block(response)
+        answer = rule_answer(bench, rec, prediction) if bench.hub is not None else prediction
+        row = {k: v for k, v in rec.items() if not hasattr(v, "convert")}  # PIL images stay out
+        row |= {"response": response, "prediction": prediction, "extracted": answer,
+                "extracted_by": "rule" if answer is not None else None}
+        row["correct"] = bool(bench.is_correct(rec, answer))
+        rows.append(row)
+    if judge is None:
+        if bench.grade is not None:  # MathVerse: exact match, else our rules stand in for the judge's grading
+            for row in rows:
+                row["correct"] = row["correct"] or bench.grade(row, row["extracted"], rewards.math_reward)
+        return rows
+    if bench.hub is None:  # toy/jsonl: `open` answers are graded by the paper's verify prompt
+        asked = [r for r in rows if r["verifier_type"] == "open" and r["extracted"] is not None]
+        replies = ask_judge(judge, judge_model, judge_path, [(r["qid"], B.judge_prompt(
+            B.JUDGE_PROMPTS[name], name, r, r["extracted"])) for r in asked])
+        for r in asked:
+            r["correct"] = replies[r["qid"]].lower().startswith("yes")
+        return rows
+    asked = [r for r in rows if needs_judge(bench, r, r)]
+    replies = ask_judge(judge, judge_model, judge_path, [(r["qid"], B.judge_prompt(
+        B.JUDGE_PROMPTS[name], name, r, r["prediction"])) for r in asked])
+    for r in asked:
+        reply = replies[r["qid"]]
+        answer = bench.extract(r, reply) or (reply if reply and reply.lower() not in ("null", "none") else None)
+        r["extracted"], r["extracted_by"] = answer, "judge" if answer is not None else None
+        r["correct"] = bool(bench.is_correct(r, answer))
+    if bench.grade is not None:  # MathVerse's second stage: the judge grades what exact match did not accept
+        graded = [r for r in rows if not r["correct"] and r["extracted"] is not None]
+        replies = ask_judge(judge, judge_model, judge_path, [(r["qid"] + "/grade", B.judge_prompt(
+            B.MATHVERSE_GRADE, name, r, r["extracted"])) for r in graded])
+        for r in graded:
+            r["correct"] = replies[r["qid"] + "/grade"].strip() == "1"
     return rows
 
 
@@ -614,42 +594,51 @@ def table_row(cells):
     return "| " + " | ".join("–" if c is None else c if isinstance(c, str) else f"{c:.1f}" for c in cells) + " |"
 
 
-def report_table(runs):
-    """runs: [(name, scores.json)] -> Markdown: the scores with the paper's rows, then trace statistics."""
-    extra = sorted({b for _, s in runs for b in s["benchmarks"] if b not in SIX})
+def report_table(run_scores):
+    """run_scores: [(name, scores.json)] -> Markdown: the scores with the paper's rows, trace statistics, settings."""
+    extra = sorted({b for _, s in run_scores for b in s["benchmarks"] if b not in SIX})
     lines = [table_row(["model"] + [TITLES[b] for b in SIX] + ["Avg"] + [TITLES.get(b, b) for b in extra]),
              "|---" * (len(SIX) + 2 + len(extra)) + "|"]
     lines += [table_row([name, *values] + [None] * len(extra)) for name, values in PAPER.items()]
-    for name, s in runs:
+    for name, s in run_scores:
         b = s["benchmarks"]
-        lines.append(table_row([f"**{name}**"] + [b[x]["score"] if x in b else None for x in SIX]
-                               + [average_of_six(b)] + [b[x]["score"] if x in b else None for x in extra]))
+        cells = [b[x]["score"] if x in b else None for x in SIX] + [average_of_six(b)]
+        lines.append(table_row([f"**{name}**"] + cells + [b[x]["score"] if x in b else None for x in extra]))
     lines += ["", "DynaMath: worst case; WeMath: Score (Strict); the others: accuracy (%).", "",
               table_row(["model", "benchmark", "n", "score", "mean words", "aha words %", "no answer %"]),
               "|---" * 7 + "|"]
-    for name, s in runs:
+    for name, s in run_scores:
         for bench, b in s["benchmarks"].items():
             t = b["trace"]
             lines.append(table_row([name, TITLES.get(bench, bench), str(b["n"]), b["score"], t["mean_words"],
                                     100 * t["aha"], 100 * t["no_answer"]]))
+    lines.append("")
+    for name, s in run_scores:
+        settings = ", ".join(f"{k} {v}" for k, v in s.get("settings", {}).items())
+        lines.append(f"- {name}: {settings}")
     return "\n".join(lines)
 
 
-def load_benchmark(name, args, judge):
-    data_dir = args.data_dir
-    if name == "toy" and data_dir is None:  # the offline default: a toy test set in RUN_DIR
-        import toy
+def make_judge(args):
+    """The LLM judge, or None. openai: the key only from --judge-api-key-env, or OpenAI's own endpoint's."""
+    if not args.judge_backend:
+        return None
+    options = {}
+    if args.judge_backend == "openai":
+        options = {"base_url": args.judge_base_url, "api_key": api_key(args.judge_api_key_env, args.judge_base_url)}
+    return backends.make_backend(args.judge_backend, args.judge_model, **options)
 
-        data_dir = os.path.join(args.out, "toy-data")
-        if not os.path.exists(os.path.join(data_dir, "test.jsonl")):
-            toy.make_data(data_dir, n=0, test_n=200, seed=0)
-    records = BENCHMARKS[name].load(data_dir, args.limit)
-    if name in ("toy", "jsonl") and judge is None:  # DESIGN: drop `open` with a count rather than score it 0
-        if dropped := sum(r["verifier_type"] == "open" for r in records):
-            print(f"{name}: dropped {dropped} open-ended records (no --judge-backend to grade them)")
-        records = [r for r in records if r["verifier_type"] != "open"]
-    print(f"{name}: {len(records)} questions")
-    return records
+
+def default_out(args):
+    """runs/eval/<model>: a hub id as owner--name; a folder by its name and a hash of its resolved path, so two
+    exports both called `model` never share a folder. Other rules or presets get their own folder too."""
+    tag = args.model.strip("/").replace("/", "--")
+    if os.path.isdir(args.model):
+        path = os.path.realpath(args.model)
+        tag = f"{os.path.basename(path)}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+    tag += "" if args.rules == "vlmevalkit" else f"-{args.rules}"
+    tag += "" if args.preset == "paper" else f"-{args.preset}-preset"
+    return os.path.join("runs", "eval", tag)
 
 
 def main(argv=None):
@@ -657,37 +646,49 @@ def main(argv=None):
     if argv[:1] == ["report"]:
         if not argv[1:] or argv[1].startswith("-"):
             raise SystemExit("usage: 06_eval.py report RUN_DIR [RUN_DIR ...]  (runs side by side, paper rows first)")
-        print(table := report_table([(os.path.basename(os.path.abspath(d)), read_scores(d)) for d in argv[1:]]))
+        table = report_table([(os.path.basename(os.path.abspath(d)), read_scores(d)) for d in argv[1:]])
+        print(table)
         return table
     args = parse_args(argv)
-    names = [b.strip() for b in args.bench.split(",") if b.strip()]
-    if unknown := [b for b in names if b not in BENCHMARKS]:
-        raise SystemExit(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
-    args.out = args.out or os.path.join("runs", "eval", os.path.basename(args.model.rstrip("/")))
+    rules = RULES[args.rules]
+    names = [b.strip() for b in args.bench.replace("six", ",".join(SIX)).split(",") if b.strip()]
+    if not set(names) <= set(rules):
+        raise SystemExit(f"unknown benchmark(s) {', '.join(set(names) - set(rules))}; known: {', '.join(rules)}, six")
+    args.out = args.out or default_out(args)
     if args.backend == "auto":
         args.backend = "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
     args.batch_size = args.batch_size or (16 if args.backend == "hf" else 512)
-    judge = args.judge_backend and backends.make_backend(args.judge_backend, args.judge_model, **(
-        {"base_url": args.judge_base_url} if args.judge_backend == "openai" else {}))
+    settings = {"rules": args.rules, "preset": args.preset, "max_new_tokens": args.max_new_tokens,
+                "min_pixels": args.min_pixels, "max_pixels": args.max_pixels, "decoding": "greedy",
+                "system_prompt": "none" if args.no_system_prompt else "VLAA-Thinker's"}
+    identity = runs.run_identity(model=runs.fingerprint_model(args.model), data=data_identity(args),
+                                 limit=args.limit, **settings)
+    outputs = ["predictions.jsonl", "judge.jsonl", "scores.json", "report.md", "toy-data"]
+    runs.claim_run(args.out, identity, overwrite=args.overwrite, outputs=outputs + [f"scored-{b}.jsonl" for b in rules])
+    if "toy" in names and args.data_dir is None and not os.path.exists(os.path.join(args.out, "toy-data")):
+        import toy  # the offline default: a toy test set in RUN_DIR
 
-    data = {name: load_benchmark(name, args, judge) for name in names}  # bad data fails before the model loads
-    generate(args, data)
-    responses = {r["id"]: r["response"] for _, r in jsonl.read_jsonl(os.path.join(args.out, "predictions.jsonl"))}
+        toy.make_data(os.path.join(args.out, "toy-data"), n=0, test_n=200, seed=0)
+    judge = make_judge(args)
+    settings["judge"] = f"{args.judge_backend} {args.judge_model}" if judge else "none (rules stand in)"
+
+    data = {name: load_benchmark(name, rules[name], args, judge) for name in names}  # bad data fails first
+    generate(args, data, rules)
+    responses = {r["id"]: r["response"] for r in jsonl.read_output(os.path.join(args.out, "predictions.jsonl"))[0]}
 
     path = os.path.join(args.out, "scores.json")
     scores = read_scores(args.out) if os.path.exists(path) else {"benchmarks": {}}  # other benchmarks stay
-    scores |= {"model": args.model, "settings": {k: vars(args)[k] for k in (
-        "backend", "max_new_tokens", "min_pixels", "max_pixels", "no_system_prompt", "judge_backend", "limit")}}
+    scores |= {"model": args.model, "settings": settings}
     for name, recs in data.items():
-        bench = BENCHMARKS[name]
-        rows = score_benchmark(name, recs, responses, judge, os.path.join(args.out, "judge.jsonl"))
+        bench = rules[name]
+        rows = score_benchmark(name, bench, recs, responses, judge, args.judge_model,
+                               os.path.join(args.out, "judge.jsonl"))
         metrics = bench.aggregate(rows)
         scores["benchmarks"][name] = {"score": 100 * metrics[bench.primary], "primary": bench.primary,
                                       "n": len(rows), "metrics": metrics, "trace": trace_stats(rows)}
         jsonl.write_jsonl(os.path.join(args.out, f"scored-{name}.jsonl"), rows)
     scores["avg"] = average_of_six(scores["benchmarks"])
-    with open(path, "w") as f:
-        json.dump(scores, f, indent=2)
+    jsonl.write_json(path, scores)
     table = report_table([(os.path.basename(os.path.abspath(args.out)), scores)])
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(table + "\n")

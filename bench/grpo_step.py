@@ -83,11 +83,11 @@ class ModelClock:
 def run_ours(args):
     import torch
 
-    from vlaa import training
+    from vlaa import qwen, training
 
     grpo = importlib.import_module("05_grpo")
     clock, steps, roles = ModelClock(), [], ["ref", "policy"]
-    load_model, log_metrics = grpo.load_model, training.log_metrics
+    load_model, log_metrics = qwen.load_model, training.log_metrics
 
     def timed_load(*a, **kw):  # 05 loads the policy first, then the reference
         model, tokenizer, image_processor = load_model(*a, **kw)
@@ -105,7 +105,7 @@ def run_ours(args):
             clock.t.clear()
         log_metrics(path, rec)
 
-    grpo.load_model, training.log_metrics = timed_load, timed_log
+    qwen.load_model, training.log_metrics = timed_load, timed_log  # 05 loads through vlaa.training
     torch.Tensor.backward = clock.wrap(torch.Tensor.backward, "backward")
     torch.nn.utils.clip_grad_norm_ = clock.wrap(torch.nn.utils.clip_grad_norm_, "optimizer")
     torch.optim.AdamW.step = clock.wrap(torch.optim.AdamW.step, "optimizer")

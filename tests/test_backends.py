@@ -9,15 +9,14 @@ whole backend against a stand-in `vllm` module that records what it is given.
 import base64
 import importlib
 import io
-import json
 import sys
-import threading
 import time
 import types
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import fake_openai
 import pytest
 from conftest import solid_image
+from fake_openai import dead_url
 
 import toy
 from vlaa import backends, jsonl, qwen
@@ -26,85 +25,19 @@ caption = importlib.import_module("01_caption")
 distill = importlib.import_module("02_distill")
 
 
-# ----------------------------------------------------------------------------------------------------
-# A local OpenAI-compatible server
-
-
-class ChatServer:
-    """POST /v1/chat/completions. `script` lists what the first requests get: 500, 429 or 400 (an error),
-    "sleep" (answers after `sleep` seconds, past the client's timeout); later requests get `reply(payload)`."""
-
-    def __init__(self, reply=lambda payload: "ok", script=(), reasoning=None, honour_n=True, sleep=1.0):
-        self.reply, self.script, self.reasoning = reply, list(script), reasoning
-        self.honour_n, self.sleep = honour_n, sleep
-        self.payloads, self.headers, self.lock = [], [], threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.payloads.append(payload)
-                    server.headers.append(dict(self.headers))
-                    action = server.script.pop(0) if server.script else None
-                if action == "sleep":
-                    time.sleep(server.sleep)
-                if isinstance(action, int):
-                    return self.send(action, {"error": {"message": f"scripted {action}"}})
-                n = payload.get("n", 1) if server.honour_n else 1
-                message = {"role": "assistant", "content": server.reply(payload)}
-                if server.reasoning:
-                    message["reasoning_content"] = server.reasoning
-                self.send(200, {"object": "chat.completion", "model": payload["model"],
-                                "choices": [{"index": i, "message": message, "finish_reason": "stop"}
-                                            for i in range(n)]})
-
-            def send(self, code, body):
-                data = json.dumps(body).encode()
-                try:
-                    self.send_response(code)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def serve():
-    servers = []
+    """serve(**options) -> a fake OpenAI-compatible server on 127.0.0.1 (fake_openai.py), closed after the test."""
+    with fake_openai.servers() as start:
+        yield start
 
-    def start(**kw):
-        servers.append(ChatServer(**kw))
-        return servers[-1]
-    yield start
-    for s in servers:
-        s.close()
+
+# ----------------------------------------------------------------------------------------------------
+# openai backend, against the servers of fake_openai.py
 
 
 def openai(url, **kw):
     return backends.make_backend("openai", "teacher", base_url=url, **{"backoff": 0.01, "timeout": 5, **kw})
-
-
-def user_text(payload):
-    content = payload["messages"][-1]["content"]
-    return content if isinstance(content, str) else next(c["text"] for c in content if c["type"] == "text")
-
-
-# ----------------------------------------------------------------------------------------------------
-# openai backend
 
 
 def test_openai_sends_the_image_as_a_data_url_with_the_system_prompt_and_sampling(serve, monkeypatch):
@@ -126,7 +59,14 @@ def test_openai_sends_the_image_as_a_data_url_with_the_system_prompt_and_samplin
     assert Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size == (28, 28)
     second = next(p for p in server.payloads if p["messages"][0]["role"] == "user")
     assert second["messages"] == [{"role": "user", "content": "Just text."}]  # plain string: text-only APIs
-    assert server.headers[0]["Authorization"] == "Bearer sk-test"
+    assert server.headers[0]["authorization"] == "Bearer sk-test"
+
+
+def test_openai_sends_no_key_when_none_is_set(serve, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    server = serve()
+    assert openai(server.url)([{"prompt": "hi", "image": None}]) == [["ok"]]
+    assert "authorization" not in server.headers[0]
 
 
 def test_openai_retries_5xx_and_429_then_succeeds(serve):
@@ -161,9 +101,8 @@ def test_openai_spreads_requests_over_servers_and_survives_a_dead_one(serve):
     out = openai(f"{a.url},{b.url}", concurrency=4)([{"prompt": str(i), "image": None} for i in range(8)])
     assert sorted(x[0] for x in out) == ["a"] * 4 + ["b"] * 4 and len(a.payloads) == len(b.payloads) == 4
 
-    dead = serve()
-    dead.close()  # a node that went down: its requests fail over to the next server
-    out = openai([dead.url, a.url], concurrency=2)([{"prompt": str(i), "image": None} for i in range(4)])
+    # a node that went down: its requests fail over to the next server
+    out = openai([dead_url(), a.url], concurrency=2)([{"prompt": str(i), "image": None} for i in range(4)])
     assert out == [["a"]] * 4
 
 
@@ -197,7 +136,7 @@ def test_caption_and_distill_stages_through_the_openai_backend(serve, tmp_path):
     assert all(r["reasoning"] == "<think>The square is red, option A.</think>\n\nThe answer is A." for r in rows)
     assert all(p["messages"][0]["content"][0]["type"] == "image_url" for p in captioner.payloads)
     # the reasoner never sees the image, only the caption; requests run concurrently, in any order
-    prompts = sorted(user_text(p) for p in reasoner.payloads)
+    prompts = sorted(reasoner.prompts())
     assert prompts == sorted(distill.distill_prompt(r) for r in rows)
     assert all(p.endswith(f"\n\nCaption:\nA flat image with a red square.\n\nQuestion:\n{r['question']}")
                for p, r in zip(prompts, sorted(rows, key=distill.distill_prompt)))

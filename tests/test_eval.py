@@ -1,5 +1,6 @@
-"""06_eval.py by example: each benchmark's official rule on hand-made cases, then whole runs (tiny model,
-scripted backends), resume after a kill, and bad benchmark files."""
+"""06_eval.py and vlaa/benchmarks.py by example: each benchmark's rules under VLMEvalKit's code and the official
+code, checked against cases drawn from published outputs (tests/fixtures/eval/, each line naming its source), then
+whole runs (tiny model, scripted backends), run identity, resume, and bad benchmark files."""
 
 import importlib
 import json
@@ -9,119 +10,198 @@ import pytest
 from conftest import solid_image
 
 import toy
-from vlaa import backends, jsonl, qwen
+from vlaa import backends, jsonl
+from vlaa import benchmarks as B
 
 E = importlib.import_module("06_eval")
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
+
+
+def fixture(name):
+    return [rec for _, rec in jsonl.read_jsonl(os.path.join(FIXTURES, name))]
+
+
+def extract(name, rec, response, rules=E.BENCHMARKS):
+    """The rules' answer as 06 reads it: the <answer> block (or the whole response), its \\boxed{}, its phrase."""
+    return E.rule_answer(rules[name], rec, B.answer_block(response))
 
 
 # ----------------------------------------------------------------------------------------------------
-# Extraction: <answer>, then the last \boxed{}, then the benchmark's own pattern
+# Agreement with the reference code on published outputs (the counts over whole files are in docs/eval.md)
 
 
-def test_extract_answer_block_then_boxed_then_own_pattern():
-    mv = {"question_type": "multi_choice", "choices": ["3", "4", "5"]}
-    assert E.mathvista_extract(mv, "<think>hmm</think> <answer>\\boxed{B}</answer>") == "B"
-    assert E.mathvista_extract(mv, "first \\boxed{3}, then \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
-    assert E.mathvista_extract(mv, "So the answer is (C).") == "(C)"
-    assert E.mathvista_extract(mv, "Counting again, I pick B") == "B"  # VLMEvalKit's can_infer: a lone letter
-    assert E.mathvista_extract(mv, "A or B, hard to say, let me think more") is None
-    dyna = {"answer_type": "float"}
-    assert E.dynamath_extract(dyna, 'Sure! {"solution": "r = 1, so pi r^2", "short answer": "3.142"}') == "3.142"
-    assert E.dynamath_extract(dyna, "<answer>3.14</answer> {\"short answer\": \"9\"}") == "3.14"
-    assert E.dynamath_extract(dyna, "no JSON here") is None
-    assert E.wemath_extract({}, "<Thought process>: <<A is too big>> <Answer>: <<B>>") == "B"
-    assert E.rule_answer({}, "the answer is 12 cm.") == "12 cm"
+@pytest.mark.parametrize("name, correct", [("mathvista", (B.mathvista_vlmevalkit, B.mathvista_official)),
+                                           ("mathvision", (B.mathvision_vlmevalkit, B.mathvision_official)),
+                                           ("logicvista", (B.logicvista_vlmevalkit, B.logicvista_official))])
+def test_verdicts_agree_with_vlmevalkit_and_the_official_code_on_published_answers(name, correct):
+    cases = fixture(f"{name}.jsonl")
+    for case in cases:
+        rec, answer = case["record"], case["answer"]
+        if name == "mathvision" and answer == "a" and not rec["options"]:
+            # VLMEvalKit's is_equal eval()s "a" to its own local variable a (the gold's value): a bug not copied
+            assert case["vlmevalkit"] and not correct[0](rec, answer)
+            continue
+        assert correct[0](rec, answer) == case["vlmevalkit"], case["source"]
+        assert correct[1](rec, answer) == case["official"], case["source"]
+    published = sum(correct[1](c["record"], c["answer"]) == c["published"] for c in cases)
+    assert len(cases) - published == {"mathvista": 36, "mathvision": 0, "logicvista": 0}[name]  # explained below
 
 
-# ----------------------------------------------------------------------------------------------------
-# is_correct: each benchmark's official rule
+def test_mathvista_integers_written_as_floats_the_files_predate_the_official_script():
+    stale = [c for c in fixture("mathvista.jsonl") if c["official"] != c["published"]]
+    assert len(stale) == 36 and {c["record"]["answer_type"] for c in stale} == {"integer"}
+    assert all("." in c["answer"] and not c["published"] for c in stale)  # "5.0": wrong in the file, right today
 
 
-def test_mathvista_rounds_floats_to_the_items_precision_and_compares_integers_as_integers():
-    two_places = {"question_type": "free_form", "answer_type": "float", "precision": 2.0, "answer": "1.45"}
-    assert [E.mathvista_is_correct(two_places, a) for a in ("1.449", "1.4549", "1.46", "about 1.45 m")] == \
-        [True, True, False, True]
-    one_place = dict(two_places, precision=1.0, answer="2.5")
-    assert [E.mathvista_is_correct(one_place, a) for a in ("2.54", "2.56")] == [True, False]
-    integer = {"question_type": "free_form", "answer_type": "integer", "precision": None, "answer": "3"}
-    assert [E.mathvista_is_correct(integer, a) for a in ("3", "3.0", "3.4", "4", None)] == \
-        [True, True, True, False, False]  # official str(int(float(x))): 3.4 counts as 3
+def json_number(text):
+    """The "short answer" of a JSON text when it is a number rather than a string, else None."""
+    try:
+        short = json.loads(text).get("short answer")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return short if isinstance(short, float) else None
 
 
-def test_mathvista_maps_letters_to_choices_and_anything_else_to_the_nearest_choice():
-    rec = {"question_type": "multi_choice", "answer_type": "text", "answer": "blue square",
-           "choices": ["red circle", "blue square", "green triangle"]}
-    assert E.mathvista_is_correct(rec, "B") and E.mathvista_is_correct(rec, "(B) the blue one")
-    assert E.mathvista_is_correct(rec, "blue squares")  # edit distance 1 to "blue square"
-    assert not E.mathvista_is_correct(rec, "A")
-    assert not E.mathvista_is_correct(rec, "green")  # a tie (9, 10, 9): the first nearest, "red circle"
+def test_dynamath_json_letters_text_and_int_as_vlmevalkit_and_the_official_code_read_them():
+    for case in fixture("dynamath.jsonl"):
+        if "table" in case:  # a published result table: worst case = seeds whose 10 variants are all right
+            rows = [{"id": seed, "variant": v, "correct": c == "1"}
+                    for seed, verdicts in enumerate(case["table"]) for v, c in enumerate(verdicts, 1)]
+            metrics = E.dynamath_aggregate(rows)
+            assert metrics["worst_case"] == pytest.approx(case["worst_case"]), case["source"]
+            assert metrics["average"] == pytest.approx(case["average"]), case["source"]
+            continue
+        rec, text = case["record"], case["prediction"]
+        answer = B.dynamath_extract(rec, text)
+        number = json_number(text)
+        if number is not None:  # a JSON number: VLMEvalKit's parser fails and its judge returns the number
+            assert case["vlmevalkit_judge_asked"] and answer == repr(number)
+        elif case["vlmevalkit_judge_asked"]:  # VLMEvalKit's parser fails here and asks its judge; ours asks too
+            assert answer is None, case
+        elif B._short_answer(text)[1] == "":
+            assert case["vlmevalkit"] and answer is None  # an empty short answer: VLMEvalKit's "" in gold; ours asks
+        else:
+            assert B.dynamath_vlmevalkit(rec, answer) == case["vlmevalkit"], case
+        official = B.dynamath_official(rec, B.dynamath_official_extract(rec, text))
+        if rec["answer_type"] == "int":  # floats in the official data; its code would read the hub's kind as text
+            assert official and not case["official"], case
+        else:
+            assert official == case["official"], case
 
 
-def test_mathvision_letter_or_option_text_numbers_to_two_places_and_never_eval():
-    mc = {"answer": "A", "options": ["1/2", "3", "5"]}
-    assert [E.mathvision_is_correct(mc, a) for a in ("A", "(a)", "\\frac{1}{2}", "0.5", "B")] == \
-        [True, True, True, True, False]
-    free = {"answer": "2.5", "options": []}
-    assert [E.mathvision_is_correct(free, a) for a in ("2.499", "x = 2.50", "\\frac{5}{2}", "2.6")] == \
-        [True, True, True, False]
-    assert not E.mathvision_is_correct(free, "__import__('os').system('touch /tmp/pwned')")
-
-
-def test_mathverse_letters_for_multi_choice_and_units_tolerated_for_free_form():
-    assert E.mathverse_is_correct({"question_type": "multi-choice", "answer": "B"}, "(B) 12")
-    assert not E.mathverse_is_correct({"question_type": "multi-choice", "answer": "B"}, "C")
-    free = {"question_type": "free-form", "answer": "2191.7 metres"}
-    assert [E.mathverse_is_correct(free, a) for a in ("2191.7", "2191.7 m", "2000")] == [True, True, False]
-
-
-def test_dynamath_float_within_a_thousandth_letters_and_text():
-    f = {"answer_type": "float", "ground_truth": "3.142"}
-    assert [E.dynamath_is_correct(f, a) for a in ("3.1416", "1π", "3.142 cm", "3.14")] == [True, True, True, False]
+def test_dynamath_the_issue_cases():
+    free = {"answer_type": "float", "ground_truth": "3.1416"}
+    json_in_block = '<think>r = 1</think> <answer>{"solution": "pi r^2", "short answer": "3.142"}</answer>'
+    assert extract("dynamath", free, json_in_block) == "3.142" and E.BENCHMARKS["dynamath"].is_correct(free, "3.142")
     mc = {"answer_type": "multiple choice", "ground_truth": "B"}
-    assert [E.dynamath_is_correct(mc, a) for a in ("B", "(B) 7", "b", "C")] == [True, True, False, False]
-    text = {"answer_type": "text", "ground_truth": "yes"}
-    assert [E.dynamath_is_correct(text, a) for a in ("yes", "yes, it is", "no")] == [True, True, False]
+    assert [extract("dynamath", mc, f'<answer>{{"short answer": "{s}"}}</answer>') for s in ("b", "B. 45", "(B)")] == \
+        ["B", "B", "B"]
+    assert not B.dynamath_official(mc, "b")  # the official code: one character, case counts
+    text = {"answer_type": "text", "ground_truth": "Odd"}
+    assert B.dynamath_vlmevalkit(text, "odd") and not B.dynamath_official(text, "odd")
+    assert B.dynamath_official(text, "Odd function") and not B.dynamath_vlmevalkit(text, "Odd function")
+    whole = {"answer_type": "int", "ground_truth": "5.000000000000001"}
+    assert B.dynamath_vlmevalkit(whole, "5") and B.dynamath_official(whole, "5")
+    nested = '{"solution": ' + "[" * 100_000 + "]" * 100_000 + ', "short answer": "3.142"}'
+    assert B.dynamath_extract(free, nested) is None  # no crash: the judge is asked
 
 
-def test_dynamath_worst_case_counts_a_seed_only_if_all_ten_variants_are_right():
+def test_dynamath_worst_case_needs_every_variant_of_every_seed(tmp_path):
     rows = [{"id": "1", "variant": v, "correct": True} for v in range(1, 11)]
     rows += [{"id": "2", "variant": v, "correct": v != 7} for v in range(1, 11)]
     assert E.dynamath_aggregate(rows) == {"average": 0.95, "worst_case": 0.5, "n": 20, "n_seeds": 2}
+    with pytest.raises(ValueError, match="the full set is 501 seeds x 10 variants"):
+        E.check_dynamath([{"id": "1", "variant": v} for v in range(1, 11)], full=True)
+    with pytest.raises(ValueError, match="different numbers of variants"):
+        E.check_dynamath([{"id": "1", "variant": 1}, {"id": "1", "variant": 2}, {"id": "2", "variant": 1}], full=False)
 
 
-def test_wemath_four_dimensional_metrics_on_a_constructed_table():
-    table = {  # problem ID: (sub-problem verdicts, composite verdict)
-        "2steps_1": ((1, 1), 1),     # CM (strict and loose)
-        "2steps_2": ((1, 1), 0),     # IG
-        "2steps_3": ((1, 0), 1),     # RM strict, CM loose
-        "2steps_4": ((0, 0), 1),     # RM strict and loose
-        "2steps_5": ((0, 1), 0),     # IK
-        "3steps_1": ((1, 1, 1), 1),  # CM
-        "3steps_2": ((1, 0, 1), 0),  # IK
-        "3steps_3": ((0, 0, 0), 0),  # IK
-    }
-    rows = []
-    for pid, (subs, multi) in table.items():
-        steps = pid[0]
-        rows += [{"ID": pid, "key": f"{steps}steps_{i}", "correct": bool(c)} for i, c in enumerate(subs, 1)]
-        rows.append({"ID": pid, "key": f"{steps}steps_multi", "correct": bool(multi)})
-    rows += [{"ID": "2steps_9", "key": "2steps_1", "correct": True}]  # incomplete: left out
-    m = E.wemath_aggregate(rows)
-    # n = 8; IK 3, IG 1, CM strict 2 / loose 3, RM strict 2 / loose 1
-    assert m["score_strict"] == (8 - 0.5 * 1 - 2 - 3) / 8 == 0.3125
-    assert m["score_loose"] == (8 - 0.5 * 1 - 1 - 3) / 8 == 0.4375
-    assert (m["IK"], m["IG"], m["CM_strict"], m["CM_loose"]) == (0.375, 0.125, 0.25, 0.375)
-    assert (m["RM_strict"], m["RM_loose"]) == (0.5, 0.25)  # RM / (CM + RM), as the official
-    assert m["n_problems"] == 8 and m["n"] == 5 * 3 + 3 * 4 + 1
-    assert E.wemath_is_correct({"answer": "B"}, "B") and E.wemath_is_correct({"answer": "B"}, "(B) 400, 300")
-    assert not E.wemath_is_correct({"answer": "B"}, "C")
+def test_wemath_options_letters_and_the_official_answer_rule():
+    for case in fixture("wemath.jsonl"):
+        if "table" in case:  # the four dimensions, against VLMEvalKit's vendored official code
+            rows = [{"ID": pid, "key": f"{pid.split('_')[0]}_{part}", "correct": c == "1"}
+                    for pid, verdicts in case["table"].items()
+                    for part, c in zip([str(i) for i in range(1, len(verdicts))] + ["multi"], verdicts)]
+            m = E.wemath_aggregate(rows)
+            assert m["n_problems"] == 525 and m["IG"] * 525 == pytest.approx(case["counts"]["InadequateGeneralization"])
+            assert m["score_strict"] == pytest.approx(case["score_strict"])
+            assert m["score_loose"] == pytest.approx(case["score_loose"])
+            continue
+        rec, text = case["record"], case["prediction"]
+        assert B.wemath_extract(rec, text) == case["vlmevalkit_prefetch"], case
+        assert B.wemath_vlmevalkit(rec, text) == case["vlmevalkit"], case
+        assert B.wemath_official(rec, B.wemath_official_extract(rec, text)) == case["official"], case
+    assert B.wemath_options("A. ①;B．②;C. ③; D. Cannot be determined; E. No correct answer")["B"] == "②"
+    odd = B.wemath_options("A. Yes, around point ;O.;B. Yes, counterclockwise around point ;O.;C. No.; F. None")
+    assert odd == {"A": "Yes, around point ;O.", "B": "Yes, counterclockwise around point ;O.", "C": "No.", "F": "None"}
 
 
-def test_logicvista_multi_letter_answers_compare_as_sets():
-    rec = {"answer": "B, D"}
-    assert [E.logicvista_is_correct(rec, a) for a in ("D, B", "B and D", "(B) (D)", "B", "B, C, D", None)] == \
-        [True, True, True, False, False, False]
-    assert not E.logicvista_is_correct({"answer": ""}, "A")  # the one item with an empty gold is never right
+def test_mathverse_exact_match_then_whole_letter_sets():
+    for case in fixture("mathverse.jsonl"):
+        assert B.mathverse_exact(case["record"], case["answer"]) == case["vlmevalkit_post_check"], case
+    two = {"question_type": "multi-choice", "answer": "C\nD"}
+    assert [B.mathverse_grade(two, a) for a in ("C", "C, D", "D, C", "CD")] == [False, True, True, True]
+    assert B.mathverse_grade({"question_type": "multi-choice", "answer": "(C)"}, "C")
+    area = {"question_type": "free-form", "answer": "Area $=113.1 \\mathrm{~cm}^{2}$"}
+    assert B.mathverse_grade(area, "113.1") and not B.mathverse_grade(area, "113")
+    assert E.BENCHMARKS["mathverse"].prompt({"question": "", "query_wo": "directly", "query_cot": "reason"}) == \
+        "directly"
+    assert E.OFFICIAL["mathverse"].prompt({"question": "", "query_wo": "directly", "query_cot": "reason"}) == "reason"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Extraction for reasoning models: the <answer> block, can_infer, the bare response, never a crash
+
+
+def test_letters_inside_the_answer_block_as_can_infer_reads_them():
+    vision = {"id": "1", "options": ["3", "45", "7", "9"], "answer": "B"}
+    we = {"option": "A. 3;B. 45;C. 7;D. 9", "answer": "B"}
+    logic = {"answer": "B"}
+    for said in ("The answer is B", "B. 45", "Option B", "B)", "(B)", "45"):
+        response = f"<think>...</think> <answer>{said}</answer>"
+        assert E.BENCHMARKS["mathvision"].is_correct(vision, extract("mathvision", vision, response)), said
+        assert E.BENCHMARKS["wemath"].is_correct(we, extract("wemath", we, response)), said
+        if said != "45":
+            assert E.BENCHMARKS["logicvista"].is_correct(logic, extract("logicvista", logic, response)), said
+    assert extract("logicvista", logic, "<answer>BD</answer>") == "B, D"
+    assert extract("mathvision", vision, "<answer>B or C</answer>") is None  # two letters: the judge decides
+
+
+def test_a_bare_response_is_its_own_answer_and_nothing_crashes():
+    assert extract("logicvista", {"answer": "B, D"}, "B, D") == "B, D"
+    mv = {"pid": "1", "question_type": "free_form", "answer_type": "integer", "answer": "2", "precision": None}
+    assert extract("mathvista", mv, "2") == "2" and extract("mathvista", mv, "x = 2") == "2"
+    assert extract("mathvista", mv, "so the answer is 2 cm.") == "2"
+    assert extract("mathvista", mv, "<answer>1:4</answer>") is None  # "1:4", "40-50" are not one number
+    assert extract("mathvista", mv, "<answer>40-50</answer>") is None
+    for junk in ("", "<answer></answer>", "{" * 5000, "\\boxed{" * 300, "<answer>" * 50):
+        for name, bench in E.BENCHMARKS.items():
+            if bench.hub is not None:
+                rec = {"question_type": "multi-choice", "answer": "B", "options": ["1", "2"], "choices": ["1", "2"],
+                       "answer_type": "float", "ground_truth": "1", "option": "A. 1;B. 2"}
+                bench.is_correct(rec, E.rule_answer(bench, rec, B.answer_block(junk)))
+
+
+def test_mathvision_option_values_and_free_form_rounding_differ_between_the_rule_sets():
+    mc = {"options": ["$\\frac{1}{2}$", "3", "5"], "answer": "A"}
+    assert B.mathvision_official(mc, "0.5") and not B.mathvision_vlmevalkit(mc, "0.5")  # option value: official only
+    free = {"options": [], "answer": "2.5"}
+    assert B.mathvision_official(free, "2.501") and not B.mathvision_vlmevalkit(free, "2.501")  # 2 places vs 1e-6
+    assert B.mathvision_vlmevalkit(free, "5/2") and B.mathvision_official(free, "\\frac{5}{2}")
+    assert not B.mathvision_official(free, "__import__('os').system('touch /tmp/pwned')")  # read, never run
+    assert B.numeric_value("\\frac{3^{1008}-1}{3^{1009}}") == pytest.approx(1 / 3)
+    assert B.numeric_value("12cm") is None and B.numeric_value("\\frac{1}{4}}.the answer is") == 0.25
+
+
+def test_mathvista_rules():
+    rec = {"question_type": "multi_choice", "answer_type": "text", "answer": "blue square", "precision": None,
+           "choices": ["red circle", "blue square", "green triangle"]}
+    assert B.mathvista_official(rec, "bleu square") and not B.mathvista_vlmevalkit(rec, "bleu square")
+    assert B.mathvista_vlmevalkit(rec, "B") and B.mathvista_vlmevalkit(rec, "The blue square")  # option text
+    floats = {"question_type": "free_form", "answer_type": "float", "precision": 2.0, "answer": "1.45"}
+    assert B.mathvista_official(floats, "1.449") and not B.mathvista_vlmevalkit(floats, "1.449")
+    integer = {"question_type": "free_form", "answer_type": "integer", "precision": None, "answer": "3"}
+    assert B.mathvista_official(integer, "3.0") and not B.mathvista_vlmevalkit(integer, "3.0")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -130,9 +210,11 @@ def test_logicvista_multi_letter_answers_compare_as_sets():
 
 def scripted(responses, judge_reply="A"):
     """A stand-in for backends.make_backend: the model answers by a tag in the prompt, the judge always the same."""
-    calls = {"model": 0, "judge": 0, "systems": set()}
+    calls = {"model": 0, "judge": 0, "systems": set(), "opts": []}
 
     def make_backend(name, model, **opts):
+        calls["opts"].append((name, model, opts))
+
         def gen(requests, n=1, max_new_tokens=256, temperature=0.0, **_):
             assert n == 1 and temperature == 0.0
             if model == "gpt-4o-mini":
@@ -175,12 +257,20 @@ def test_toy_scoring_with_rewards_and_open_records_dropped_without_a_judge(tmp_p
     assert b["metrics"]["verifier_type/iou"] == 0.5
     assert b["metrics"]["mean_iou"] == pytest.approx((0.9 + 0.0025 / 0.3375) / 2)
     assert b["trace"] == {"mean_words": pytest.approx(21 / 6), "aha": 1 / 6, "no_answer": 1 / 6}
-    assert calls["systems"] == {qwen.SYSTEM_PROMPT}
+    assert calls["systems"] == {E.qwen.SYSTEM_PROMPT}
     # with a judge, the open record is graded (the paper's verify prompt) instead of dropped
     monkeypatch.setattr(backends, "make_backend", scripted(responses)[0])
     scores = E.main(["--model", "m", "--bench", "jsonl", "--data-dir", str(tmp_path), "--out", str(tmp_path / "j"),
                      "--backend", "hf", "--judge-backend", "openai", "--no-system-prompt"])
     assert scores["benchmarks"]["jsonl"]["n"] == 7 and scores["benchmarks"]["jsonl"]["metrics"]["task/open"] == 1.0
+
+
+def test_a_gold_its_verifier_cannot_read_fails_at_load_naming_file_line_id_and_field(tmp_path):
+    solid_image(56).save(tmp_path / "img.png")
+    good = {"id": "a", "image": "img.png", "question": "how many?", "answer": "3", "verifier_type": "digit"}
+    (tmp_path / "test.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(good | {"id": "b", "answer": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"test\.jsonl:2 \(id 'b'\): field 'answer'"):
+        E.main(["--model", "m", "--bench", "jsonl", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])
 
 
 def test_resume_after_interruption_redoes_only_missing_and_torn_lines(tmp_path, monkeypatch):
@@ -202,6 +292,35 @@ def test_resume_after_interruption_redoes_only_missing_and_torn_lines(tmp_path, 
     assert calls["model"] == 10  # all there: the model is not even loaded
 
 
+def test_another_model_or_setting_never_reuses_a_run_and_default_folders_differ_per_model(tmp_path, monkeypatch):
+    responses = write_schema_file(tmp_path)
+    monkeypatch.setattr(backends, "make_backend", scripted(responses)[0])
+    argv = ["--bench", "jsonl", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), "--backend", "hf"]
+    E.main(["--model", "first"] + argv)
+    with pytest.raises(SystemExit, match=r'model.path: "first" there, "second" now'):
+        E.main(["--model", "second"] + argv)
+    with pytest.raises(SystemExit, match=r"max_new_tokens: 800 there, 2048 now(.|\n)*preset"):
+        E.main(["--model", "first", "--preset", "vlmevalkit"] + argv)
+    E.main(["--model", "second", "--overwrite"] + argv)  # starts afresh
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["model"] == {"path": "second"}
+    for name in ("a", "b"):
+        os.makedirs(tmp_path / name / "model")
+    outs = {E.default_out(E.parse_args(["--model", str(tmp_path / n / "model")])) for n in ("a", "b")}
+    assert len(outs) == 2 and all(os.path.basename(o).startswith("model-") for o in outs)
+    assert E.default_out(E.parse_args(["--model", "Qwen/Qwen2.5-VL-3B-Instruct", "--rules", "official"])) == \
+        os.path.join("runs", "eval", "Qwen--Qwen2.5-VL-3B-Instruct-official")
+
+
+def test_keys_go_only_where_they_are_named(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+    monkeypatch.setenv("MY_SERVER_KEY", "sk-server")
+    assert E.api_key(None, None) is None  # OpenAI's own endpoint: the client reads $OPENAI_API_KEY
+    assert E.api_key(None, "http://somewhere:8000/v1") == ""  # a --base-url gets no key unless named
+    assert E.api_key("MY_SERVER_KEY", "http://somewhere:8000/v1") == "sk-server"
+    with pytest.raises(SystemExit, match="no environment variable NOPE"):
+        E.api_key("NOPE", None)
+
+
 def write_six(root):
     """Local copies of the six benchmarks in the --data-dir layout, two or three questions each, with the
     scripted model's response per tag. Each benchmark's expected score is in the comment."""
@@ -216,10 +335,10 @@ def write_six(root):
         # 50: the letter is right, 1/3 is not 1/2
         "mathvision": [{"id": "1", "question": "[m1] <image1> which?", "options": ["1", "2"], "answer": "B"},
                        {"id": "2", "question": "[m2] <image1> ratio?", "options": [], "answer": "\\frac{1}{2}"}],
-        # 100: the letter, and a number with its unit
-        "mathverse": [{"sample_index": 1, "question": "q", "query_cot": "[r1] see the image", "answer": "A",
+        # 100: the letter, and a number with its unit (our stand-in for the judge's grading)
+        "mathverse": [{"sample_index": 1, "question": "", "query_wo": "[r1] see the image", "answer": "A",
                        "question_type": "multi-choice"},
-                      {"sample_index": 2, "question": "q", "query_cot": "[r2] see the image", "answer": "12 cm",
+                      {"sample_index": 2, "question": "", "query_wo": "[r2] see the image", "answer": "12 cm",
                        "question_type": "free-form"}],
         # worst case 50: seed s2 fails its second variant (average 75)
         "dynamath": [{"id": s, "variant": v, "question": f"[d{s}{v}] area?", "answer_type": "float",
@@ -233,9 +352,9 @@ def write_six(root):
     for name, recs in data.items():
         with open(root / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(r | img) + "\n" for r in recs)
-    responses = {"v1": "<answer>B</answer>", "v2": "<answer>1.54</answer>", "m1": "\\boxed{B}", "m2": "\\boxed{1/3}",
+    responses = {"v1": "<answer>B</answer>", "v2": "<answer>1.5</answer>", "m1": "\\boxed{B}", "m2": "\\boxed{1/3}",
                  "r1": "<answer>A</answer>", "r2": "<answer>12</answer>", "l1": "<answer>D, B</answer>",
-                 "l2": "I would go with the first one.", "w1": "<Answer>: <<B>>", "w2": "<answer>B</answer>",
+                 "l2": "I would go with the first one.", "w1": "<answer>B</answer>", "w2": "<answer>B</answer>",
                  "wmulti": "<answer>B. 400</answer>"}
     responses |= {f"d{s}{v}": '{"solution": "...", "short answer": "%s"}' % ("2.5" if (s, v) == ("s2", 2) else "2.0004")
                   for s in ("s1", "s2") for v in (1, 2)}
@@ -244,43 +363,32 @@ def write_six(root):
 
 def test_six_benchmarks_from_local_copies_then_the_side_by_side_report(tmp_path, monkeypatch, capsys):
     responses = write_six(tmp_path / "data")
-    make_backend, calls = scripted(responses, judge_reply="A")
+    make_backend, calls = scripted(responses)
     monkeypatch.setattr(backends, "make_backend", make_backend)
-    scores = E.main(["--model", "m", "--bench", ",".join(E.SIX), "--data-dir", str(tmp_path / "data"),
-                     "--out", str(tmp_path / "mine"), "--backend", "vllm", "--judge-backend", "openai"])
+    scores = E.main(["--model", "m", "--bench", "six", "--data-dir", str(tmp_path / "data"), "--limit", "5",
+                     "--out", str(tmp_path / "mine"), "--backend", "vllm"])
     got = {name: b["score"] for name, b in scores["benchmarks"].items()}
     assert got == {"mathvista": 100.0, "mathvision": 50.0, "mathverse": 100.0, "dynamath": 50.0, "wemath": 100.0,
-                   "logicvista": 100.0}
-    assert scores["benchmarks"]["dynamath"]["metrics"]["average"] == 0.75 and scores["avg"] == 500 / 6
-    assert calls["judge"] == 1  # only LogicVista's second answer needed it (VLMEvalKit's prefetch)
-    scored = [r for _, r in jsonl.read_jsonl(tmp_path / "mine" / "scored-logicvista.jsonl")]
-    assert [(r["extracted"], r["extracted_by"]) for r in scored] == [("D, B", "rule"), ("A", "judge")]
+                   "logicvista": 50.0}  # no judge: "I would go with the first one." has no letter
+    assert scores["benchmarks"]["dynamath"]["metrics"]["average"] == 0.75 and calls["judge"] == 0
     _, first = next(jsonl.read_jsonl(tmp_path / "mine" / "scored-mathvista.jsonl"))
     assert {"pid", "choices", "precision", "response", "correct"} <= set(first)  # the benchmark's own fields kept
-    assert os.path.exists(tmp_path / "mine" / "report.md")
-    # a second run with only some benchmarks: no Avg; report puts both next to the paper's rows
-    monkeypatch.setattr(backends, "make_backend", scripted(responses)[0])
-    E.main(["--model", "m", "--bench", "mathvista,wemath", "--data-dir", str(tmp_path / "data"),
-            "--out", str(tmp_path / "base"), "--backend", "vllm"])
+    report = (tmp_path / "mine" / "report.md").read_text()
+    assert "rules vlmevalkit, preset paper, max_new_tokens 800" in report and "judge none" in report
+    # the same predictions, judged: VLMEvalKit's policy asks the judge for LogicVista and MathVerse every time,
+    # for the others only where the rules find nothing (or, free form, nothing right)
+    make_backend, calls = scripted(responses, judge_reply="A")
+    monkeypatch.setattr(backends, "make_backend", make_backend)
+    judged = E.main(["--model", "m", "--bench", "logicvista,mathverse", "--data-dir", str(tmp_path / "data"),
+                     "--out", str(tmp_path / "mine"), "--backend", "vllm", "--judge-backend", "openai", "--limit", "5"])
+    assert calls["model"] == 0 and judged["benchmarks"]["logicvista"]["score"] == 50.0  # the judge said A to both
+    assert ("openai", "gpt-4o-mini", {"base_url": None, "api_key": None}) in calls["opts"]
     capsys.readouterr()
-    table = E.main(["report", str(tmp_path / "mine"), str(tmp_path / "base")])
+    table = E.main(["report", str(tmp_path / "mine")])
     rows = table.splitlines()
     assert rows[0] == "| model | MathVista | MathVision | MathVerse | DynaMath | WeMath | LogicVista | Avg |"
     assert "| VLAA-Thinker-Qwen2.5VL-7B (paper) | 68.0 | 26.4 | 48.2 | 22.4 | 41.5 | 48.5 | 42.5 |" in rows
-    assert "| **mine** | 100.0 | 50.0 | 100.0 | 50.0 | 100.0 | 100.0 | 83.3 |" in rows
-    assert "| **base** | 100.0 | – | – | – | 100.0 | – | – |" in rows
     assert capsys.readouterr().out.strip() == table
-
-
-def test_prompts_keep_each_benchmarks_own_instructions():
-    dyna = {"question": "What is x?", "answer_type": "float"}
-    assert E.BENCHMARKS["dynamath"].prompt(dyna).startswith("## Question\n What is x?\n## Answer Instruction")
-    assert '"short answer": "[Concise Answer]"' in E.BENCHMARKS["dynamath"].prompt(dyna)
-    we = {"question": "OA = ( ) m", "option": "A. 300, 400;B. 400, 300; C. No correct answer"}
-    assert E.BENCHMARKS["wemath"].prompt(we) == \
-        "Question: OA = ( ) m\nOptions:\nA. 300, 400\nB. 400, 300\nC. No correct answer"
-    assert E.BENCHMARKS["mathvision"].prompt({"question": "Which?", "options": ["1", "2"]}) == \
-        "Which?\nChoices:\n(A) 1\n(B) 2"
 
 
 def test_toy_end_to_end_with_the_tiny_model(tiny_model_dir, tmp_path, capsys):
@@ -307,17 +415,15 @@ def test_missing_or_malformed_benchmark_files(tmp_path):
     good = {"pid": "1", "question": "q", "question_type": "free_form", "answer_type": "integer", "answer": "3",
             "image": "a.png"}
     path = tmp_path / "mathvista.jsonl"
-    path.write_text(json.dumps(good) + "\n" + json.dumps({k: v for k, v in good.items() if k != "answer_type"}) + "\n")
-    with pytest.raises(ValueError, match=r"mathvista\.jsonl:2: missing field 'answer_type'"):
-        E.main(argv)
-    path.write_text(json.dumps(good) + "\n" + '{"pid": "2", "question": \n')
-    with pytest.raises(ValueError, match=r"mathvista\.jsonl:2: bad JSON"):
-        E.main(argv)
-    path.write_text(json.dumps(good | {"image": "nope.png"}) + "\n")
-    with pytest.raises(FileNotFoundError, match=r"mathvista\.jsonl:1: field 'image': no such file .*nope\.png"):
-        E.main(argv)
-    path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
-    with pytest.raises(ValueError, match="mathvista: duplicate question '1'"):
-        E.main(argv)
+    cases = [(json.dumps(good) + "\n" + json.dumps({k: v for k, v in good.items() if k != "answer_type"}) + "\n",
+              ValueError, r"mathvista\.jsonl:2: missing field 'answer_type'"),
+             (json.dumps(good) + "\n" + '{"pid": "2", "question": \n', ValueError, r"mathvista\.jsonl:2: bad JSON"),
+             (json.dumps(good | {"image": "nope.png"}) + "\n", FileNotFoundError,
+              r"mathvista\.jsonl:1: field 'image': no such file .*nope\.png"),
+             (json.dumps(good) + "\n" + json.dumps(good) + "\n", ValueError, "mathvista: duplicate question '1'")]
+    for text, error, message in cases:
+        path.write_text(text)
+        with pytest.raises(error, match=message):
+            E.main(argv + ["--overwrite"])  # each case edits the data: a new run identity
     with pytest.raises(SystemExit, match="unknown benchmark"):
         E.main(argv[:3] + ["mathvista,mmmu"])

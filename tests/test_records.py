@@ -25,6 +25,27 @@ def test_jsonl_resume_drops_a_torn_last_line(tmp_path):
     assert [r["id"] for _, r in jsonl.read_jsonl(path)] == ["a", "b", "c"]
 
 
+def test_jsonl_resume_keeps_a_damaged_line_in_the_middle_and_redoes_only_its_record(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"id": "a"}\n{"id": "b", "x": \xff\n\n{"x": 1}\n{"id": "c"}\n{"id": "d"')
+    done, f, damaged = jsonl.open_output(str(path))
+    f.close()
+    assert done == {"a", "c"} and damaged == [2, 4]  # not JSON; no id. The blank line 3 is harmless
+    assert path.read_bytes() == b'{"id": "a"}\n{"id": "b", "x": \xff\n\n{"x": 1}\n{"id": "c"}\n'  # torn line cut
+    records, damaged = jsonl.read_output(str(path))
+    assert [r["id"] for r in records] == ["a", "c"] and damaged == [2, 4]
+
+
+def test_read_jsonl_counts_unreadable_lines_when_given_a_list(tmp_path, monkeypatch):
+    monkeypatch.setattr(jsonl, "MAX_LINE_BYTES", 64)
+    p = tmp_path / "in.jsonl"
+    p.write_bytes(b'{"id": "a"}\n\xc3(\n[1, 2]\n{"id": "' + b"x" * 100 + b'"}\n{"id": "b"}\n')
+    bad = []
+    assert [r["id"] for _, r in jsonl.read_jsonl(str(p), bad)] == ["a", "b"]
+    assert bad == [f"{p}:2: not UTF-8 (byte 0: b'\\xc3')", f"{p}:3: expected a JSON object, got list",
+                   f"{p}:4: line longer than 64 bytes"]
+
+
 def test_bad_json_line_names_file_and_line(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"id": "a"}\n\n{"id": oops}\n')
@@ -79,6 +100,12 @@ def test_load_image_errors(tmp_path):
     (tmp_path / "corrupt.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="not an image: .*corrupt.png"):
         records.load_image(str(tmp_path / "corrupt.png"))
+    with pytest.raises(ValueError, match="not an image: .* \\(not a regular file\\)"):
+        records.load_image(str(tmp_path))
+    solid_image(30).save(tmp_path / "cut.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:60])  # the header survives, not the pixels
+    with pytest.raises(ValueError, match="unreadable image .*cut.png"):
+        records.load_image(str(tmp_path / "cut.png"))
     from PIL import Image
 
     Image.new("1", (9000, 9000)).save(tmp_path / "huge.png")  # 81 Mpx, a few KB on disk

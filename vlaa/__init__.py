@@ -5,6 +5,8 @@
                  validation at load, images
     answers      reading an answer's value (integer, option, box, math spelling), the same way for the
                  gold answer and the model's; the gold check the loader runs
+    parsing      answer readers of the benchmarks' own code (VLMEvalKit's letter matcher, MATH-V's reader)
+    benchmarks   06_eval.py's per-benchmark rules, VLMEvalKit's and the official repositories'
     qwen         the Qwen2.5-VL layer: system prompt, encoding, batching, loading, sampling
     backends     generation for the data stages and eval: hf, toy, vllm (openai in openai_client)
     datastage    the loop and flags the data stages share

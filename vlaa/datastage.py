@@ -6,10 +6,14 @@
     backend_from_args(args, model)     the generation backend those flags describe
 
 The contract every data stage keeps: re-running the same command resumes (ids already in OUT are
-skipped, a torn last line is redone); nothing is lost when killed; a bad record stops the stage before
-any model call, naming file, line, id and field, or with --skip-bad is counted and reported.
+skipped, a torn last line is redone, a damaged line in the middle is kept and its record redone and
+counted); nothing is lost when killed; a bad record stops the stage before any model call, naming file,
+line, id and field, or with --skip-bad is counted and reported. A request the backend could not do (the
+backends' on_error="return") stops the stage after its batch's other records are written, or with
+--skip-bad is counted the same way.
 """
 
+import argparse
 import os
 
 from vlaa.jsonl import append_jsonl, open_output, read_jsonl
@@ -30,7 +34,8 @@ def read_stage_input(in_path, need, limit=None, check_images=False, skip_bad=Fal
     the second copy would otherwise be skipped as already done."""
     in_dir = os.path.dirname(os.path.abspath(in_path))
     records, seen, bad = [], set(), []
-    for i, rec in read_jsonl(in_path):  # bad JSON or bytes stop here, before any model is called
+    # an unreadable line (bytes, JSON) stops here, before any model is called; with skip_bad it is counted
+    for i, rec in read_jsonl(in_path, bad if skip_bad else None):
         if limit is not None and len(records) + len(bad) >= limit:
             break
         where = f"{in_path}:{i}"
@@ -107,6 +112,19 @@ def run_stage(in_path, out_path, process, prepare=None, need=("id",), batch_size
 # --- command-line flags every data stage shares
 
 
+def _at_least(kind, low, above=False):
+    """An argparse type: a `kind` >= low (> low with above), so a bad flag is a usage error, not a crash later."""
+    def parse(text):
+        value = kind(text)
+        if not (value > low if above else value >= low):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {low}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE_INT, POSITIVE_FLOAT, COUNT = _at_least(int, 0, above=True), _at_least(float, 0, above=True), _at_least(int, 0)
+
+
 def add_generation_args(parser, batch_size=64, max_new_tokens=1024, temperature=0.0, top_p=1.0):
     """The backend, sampling and loop flags of 01, 02 and 03 (each stage adds its own --model)."""
     g = parser.add_argument_group("generation")
@@ -119,13 +137,15 @@ def add_generation_args(parser, batch_size=64, max_new_tokens=1024, temperature=
     g.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="openai: name of the environment variable holding the API key; unset: no key is sent "
                         "(default: %(default)s)")
-    g.add_argument("--concurrency", type=int, default=16, help="openai: requests in flight (default: %(default)s)")
-    g.add_argument("--timeout", type=float, default=600.0,
-                   help="openai: seconds one request may take in all (default: %(default)s)")
-    g.add_argument("--retries", type=int, default=5,
-                   help="openai: retries of a request after errors, timeouts, 408, 429 and 5xx "
+    g.add_argument("--concurrency", type=POSITIVE_INT, default=16,
+                   help="openai: requests in flight (default: %(default)s)")
+    g.add_argument("--timeout", type=POSITIVE_FLOAT, default=600.0,
+                   help="openai: seconds one attempt of a request may take in all, connect to last byte "
                         "(default: %(default)s)")
-    g.add_argument("--tensor-parallel-size", type=int, default=1,
+    g.add_argument("--retries", type=COUNT, default=5,
+                   help="openai: more attempts of a request, each on the next server, after connection errors, "
+                        "timeouts, 408, 429, 5xx and empty completions (default: %(default)s)")
+    g.add_argument("--tensor-parallel-size", type=POSITIVE_INT, default=1,
                    help="vllm: GPUs one engine spans (8 for a 72B model) (default: %(default)s)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="vllm: context length; None keeps the model's (default: %(default)s)")
@@ -134,11 +154,11 @@ def add_generation_args(parser, batch_size=64, max_new_tokens=1024, temperature=
                         "where it is a share of host RAM, 0.05)")
     g.add_argument("--max-pixels", type=int, default=None,
                    help="hf/vllm: resize images to at most this many pixels (default: the model's setting)")
-    g.add_argument("--batch-size", type=int, default=batch_size,
+    g.add_argument("--batch-size", type=POSITIVE_INT, default=batch_size,
                    help="records per backend call, appended to the output after each; with openai, make it "
                         "several times --concurrency (default: %(default)s)")
-    g.add_argument("--limit", type=int, default=None, help="only the first N input records (default: all)")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+    g.add_argument("--limit", type=COUNT, default=None, help="only the first N input records (default: all)")
+    g.add_argument("--max-new-tokens", type=POSITIVE_INT, default=max_new_tokens,
                    help="the longest completion, in tokens (default: %(default)s)")
     g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy (default: %(default)s)")
     g.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling (default: %(default)s)")

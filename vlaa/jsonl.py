@@ -4,6 +4,11 @@ Inputs are read with errors that name the file and the line. Outputs are appende
 as a stage goes, so a killed run loses at most the line it was writing, and re-running the same
 command resumes: `open_output` returns the ids already written.
 
+    for line_no, rec in read_jsonl(path): ...        an unreadable line is an error naming file:line
+    for line_no, rec in read_jsonl(path, bad=[]): ... ... or, with a list, a message in it and skipped
+    done, f, damaged = open_output(path)             resume: ids already written, a handle to append
+    records, damaged = read_output(path)             the readable records of an output, as open_output sees them
+
 Used by every stage (through vlaa.records and vlaa.datastage) and by 06_eval.py.
 """
 
@@ -11,66 +16,105 @@ import json
 import os
 import sys
 
-
-def read_jsonl(path):
-    """Yield (line_number, record). Undecodable bytes, bad JSON or a non-object line is an error naming
-    the file and line, never a skip. Blank lines are skipped."""
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{i}: not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: bad JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
-            yield i, rec
+MAX_LINE_BYTES = 64 * 1024 * 1024  # no record is this long; a longer line is refused, never held in memory
 
 
-def _parse_output_line(line):
-    """A finished output line -> its record, or None when it is damaged (not UTF-8, not a JSON object)."""
+def _lines(f):
+    """(line_number, bytes) of a binary file; a line over MAX_LINE_BYTES comes as None, read in bounded pieces."""
+    i = 0
+    while True:
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        i += 1
+        if len(raw) > MAX_LINE_BYTES:
+            while raw and not raw.endswith(b"\n"):  # skip the rest of the line without holding it
+                raw = f.readline(1 << 20)
+            raw = None
+        yield i, raw
+
+
+def _parse_line(raw, where):
+    """One line -> (record, None), (None, None) for a blank line, or (None, why it cannot be read)."""
+    if raw is None:
+        return None, f"{where}: line longer than {MAX_LINE_BYTES} bytes"
     try:
-        rec = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return rec if isinstance(rec, dict) else None
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"{where}: not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})"
+    if not line.strip():
+        return None, None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"{where}: bad JSON ({e.msg} at column {e.colno})"
+    except RecursionError:
+        return None, f"{where}: bad JSON (nested too deeply)"
+    if not isinstance(rec, dict):
+        return None, f"{where}: expected a JSON object, got {type(rec).__name__}"
+    return rec, None
+
+
+def read_jsonl(path, bad=None):
+    """Yield (line_number, record). A line that is not UTF-8, not JSON or not an object is an error naming
+    the file and line; when `bad` is a list, its message is appended there and the line skipped instead.
+    Blank lines are skipped."""
+    with open(path, "rb") as f:
+        for i, raw in _lines(f):
+            rec, why = _parse_line(raw, f"{path}:{i}")
+            if why is not None and bad is None:
+                raise ValueError(why)
+            if why is not None:
+                bad.append(why)
+            elif rec is not None:
+                yield i, rec
+
+
+def _scan_output(path, repair):
+    """Read an output file -> (records, damaged line numbers, byte offset of a torn last line or None)."""
+    records, damaged, offset, torn = [], [], 0, None
+    with open(path, "rb") as f:
+        for i, raw in _lines(f):
+            if raw is not None and not raw.endswith(b"\n"):  # torn: the run died while writing it
+                torn = offset
+                break
+            offset += len(raw) if raw is not None else 0
+            rec, why = _parse_line(raw, f"{path}:{i}")
+            if why is not None or (rec is not None and not isinstance(rec.get("id"), (str, int, float))):
+                damaged.append(i)
+            elif rec is not None:
+                records.append(rec)
+    if torn is not None and repair:
+        with open(path, "r+b") as f:
+            f.truncate(torn)
+    return records, damaged, torn
 
 
 def open_output(path):
     """Open a JSONL output for appending -> (ids already written, file handle, damaged line numbers).
 
     A run killed mid-write leaves a torn last line (no newline): it is cut off, and its record redone.
-    A damaged line in the middle (a disk error, a hand edit) is kept as it is and reported: its record
-    is not among the done ids, so it is redone and appended; everything after it still counts as done.
+    A damaged line in the middle (a disk error, a hand edit: not JSON, or no id) is kept as it is and
+    reported: its record is not among the done ids, so it is redone and appended; every line after it
+    still counts as done.
     """
     done, damaged = set(), []
     if os.path.exists(path):
-        with open(path, "rb") as f:
-            data = f.read()
-        lines = data.splitlines(keepends=True)
-        if lines and not lines[-1].endswith(b"\n"):  # torn: the run died while writing it
-            with open(path, "r+b") as f:
-                f.truncate(len(data) - len(lines[-1]))
-            lines = lines[:-1]
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            rec = _parse_output_line(line)
-            if rec is None or "id" not in rec:
-                damaged.append(i)
-            else:
-                done.add(rec["id"])
+        records, damaged, _ = _scan_output(path, repair=True)
+        done = {r["id"] for r in records}
         if damaged:
             print(f"{path}: {len(damaged)} damaged line(s) kept (first: line {damaged[0]}); "
                   "their records are redone and appended", file=sys.stderr)
     else:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return done, open(path, "a", encoding="utf-8"), damaged
+
+
+def read_output(path):
+    """The records of an output file as open_output counts them -> (records, damaged line numbers).
+    A torn last line is left out (and left in place: the next open_output cuts it)."""
+    records, damaged, _ = _scan_output(path, repair=False)
+    return records, damaged
 
 
 def append_jsonl(f, rec):

@@ -70,8 +70,10 @@ def check_image(path, where=""):
     from PIL import Image, UnidentifiedImageError
 
     prefix = f"{where}: " if where else ""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"{prefix}image not found: {path}")
+    if not os.path.isfile(path):  # a directory, a device, a pipe (reading one could block forever)
+        raise ValueError(f"{prefix}not an image: {path} (not a regular file)")
     try:
         with Image.open(path) as im:  # reads only the header
             w, h = im.size
@@ -101,11 +103,12 @@ def load_image(path, where=""):
 
 
 def _as_text(rec, field, where):
-    """Text fields must be strings; numbers become strings (a gold answer 3), anything else is an error."""
+    """Text fields must be strings. An id or a gold answer may be a number (3 -> "3"), a gold box a list of
+    four numbers; anything else is an error naming the field."""
     v = rec.get(field)
     if v is None or isinstance(v, str):
         return
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
+    if field in ("id", "answer") and isinstance(v, (int, float)) and not isinstance(v, bool):
         rec[field] = str(v)
     elif field == "answer" and isinstance(v, list) and len(v) == 4 and all(isinstance(x, (int, float)) for x in v):
         rec[field] = "[" + ", ".join(str(x) for x in v) + "]"  # a box given as a JSON list
@@ -113,14 +116,20 @@ def _as_text(rec, field, where):
         raise ValueError(f"{where}: field '{field}' must be a string, got {type(v).__name__}")
 
 
+def _quote(text, limit=80):
+    """A value for an error message: quoted, and cut short (an id may be anything)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
 def check_record(rec, where, need=(), image_root=None, gold=True, check_images=True):
     """Validate one record in place (types, required fields, verifier type, gold answer, question length,
     and with check_images the image's header, `image` made absolute against image_root). Raises ValueError
     or FileNotFoundError naming where and the id."""
+    _as_text(rec, "id", where)
+    if rec.get("id") not in (None, ""):
+        where = f"{where} (id {_quote(rec['id'])})"
     for field in TEXT_FIELDS:
         _as_text(rec, field, where)
-    if "id" in rec:
-        where = f"{where} (id {rec['id']!r})"
     require(rec, need, where)
     if rec.get("choices") is not None and not (isinstance(rec["choices"], list)
                                                and all(isinstance(c, (str, int, float)) for c in rec["choices"])):
@@ -144,14 +153,15 @@ def check_record(rec, where, need=(), image_root=None, gold=True, check_images=T
 # The loader: our schema and the released VLAA-Thinking files
 
 
-def _iter_json_or_jsonl(path):
-    """The released `.json` files are JSONL despite the extension; accept a JSON array too."""
+def _iter_json_or_jsonl(path, bad=None):
+    """The released `.json` files are JSONL despite the extension; accept a JSON array too. Unreadable
+    lines are errors, or with a `bad` list counted there (see read_jsonl)."""
     import json
 
     with open(path, "rb") as f:
         head = f.read(1024).lstrip()
     if not head.startswith(b"["):
-        yield from read_jsonl(path)
+        yield from read_jsonl(path, bad)
         return
     with open(path, encoding="utf-8", errors="strict") as f:
         try:
@@ -159,9 +169,12 @@ def _iter_json_or_jsonl(path):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: bad JSON array ({e})") from None
     for i, rec in enumerate(items, 1):
-        if not isinstance(rec, dict):
+        if isinstance(rec, dict):
+            yield i, rec
+        elif bad is None:
             raise ValueError(f"{path}: item {i}: expected a JSON object")
-        yield i, rec
+        else:
+            bad.append(f"{path}: item {i}: expected a JSON object")
 
 
 def _answer_block(text):
@@ -196,7 +209,7 @@ def load_records(path, fmt="auto", image_root=None, need=("question", "answer"),
     """
     root = image_root or os.path.dirname(os.path.abspath(path))
     records, seen, bad = [], set(), []
-    for i, rec in _iter_json_or_jsonl(path):
+    for i, rec in _iter_json_or_jsonl(path, bad if skip_bad else None):
         where = f"{path}:{i}"
         try:
             released = fmt == "vlaa" or (fmt == "auto" and ("gt" in rec or "<think>" in str(rec.get("answer", ""))))

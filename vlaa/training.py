@@ -6,10 +6,15 @@ same script runs under `python` and `torchrun`), `shard_model` (FSDP2, one unit 
 metric reductions over ranks.
 """
 
+import contextlib
 import json
 import os
 
 import torch
+
+# FSDP2 and a process group even on one process: bench/gpu_check.py sets it to exercise NCCL and FSDP2's
+# bf16 mixed precision on a single GPU. Normal runs shard only under torchrun with several ranks.
+FORCE_FSDP = os.environ.get("VLAA_FORCE_FSDP") == "1"
 
 
 def init_distributed():
@@ -25,7 +30,7 @@ def init_distributed():
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or FORCE_FSDP) and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return {"rank": rank, "world": world, "local_rank": local, "device": device, "master": rank == 0}
 
@@ -44,7 +49,7 @@ def shard_model(model, device, world, cpu_offload=False):
     all-gathered in bf16 and gradients reduced in fp32, over fp32 master weights. cpu_offload keeps
     the shards in CPU memory (for a frozen reference model).
     """
-    if world == 1:
+    if world == 1 and not FORCE_FSDP:
         return model
     from torch.distributed.fsdp import (
         CPUOffloadPolicy,
@@ -68,10 +73,47 @@ def shard_model(model, device, world, cpu_offload=False):
     return model
 
 
+def load_trainable(path, device, world, lr, weight_decay=0.0, train_vision=False, activation_checkpointing=False,
+                   min_pixels=None, max_pixels=None):
+    """The model 04 and 05 train -> (model, tokenizer, image_processor, params, optimizer): fp32 master
+    weights (bf16 compute on GPU comes from autocast or FSDP2's policy), the vision tower frozen unless
+    asked (paper, SFT: frozen), sharded under torchrun, AdamW over what trains."""
+    from vlaa.qwen import load_model
+
+    model, tokenizer, image_processor = load_model(path, "float32", device, min_pixels, max_pixels)
+    freeze_vision_tower(model, not train_vision)
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    model = shard_model(model, device, world)
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+    return model, tokenizer, image_processor, params, optimizer
+
+
+def load_frozen(path, device, world, offload=False):
+    """A frozen copy of a model (GRPO's reference), sharded like the policy; with offload its shards live in
+    CPU memory between uses."""
+    from vlaa.qwen import load_model
+
+    model = load_model(path, "float32", torch.device("cpu") if offload else device)[0].eval().requires_grad_(False)
+    return shard_model(model, device, world, cpu_offload=offload)
+
+
+@contextlib.contextmanager
+def visiting(model, device, move):
+    """Inside the block the model is on `device`; after it, back in CPU memory (when move is True)."""
+    if move:
+        model.to(device)
+    try:
+        yield model
+    finally:
+        if move:
+            model.to("cpu")
+
+
 def autocast(device):
     """bf16 compute on a single GPU (FSDP2's policy does it when sharded); fp32 on CPU."""
-    import contextlib
-
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
@@ -108,6 +150,15 @@ def step_indices(step, n_records, batch, seed):
 def set_lr(optimizer, lr):
     for g in optimizer.param_groups:
         g["lr"] = lr
+
+
+def peak_memory(device):
+    """{"peak_memory_gb": ...} since the last call, on GPU; {} on CPU (host memory is not the question there)."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"peak_memory_gb": peak}
 
 
 def log_metrics(path, rec):
@@ -213,3 +264,110 @@ def held_out_accuracy(model, tokenizer, encode, records, score, world, rank, dev
     sums = reduce_metrics({}, sums, world, device)
     out = {"eval/accuracy": sum(sums[f"right/{t}"] for t in types) / max(1.0, sum(sums[f"n/{t}"] for t in types))}
     return out | {f"eval/accuracy/{t}": sums[f"right/{t}"] / sums[f"n/{t}"] for t in types if sums[f"n/{t}"]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run folder: what made it, where to start (04 and 05)
+
+# flags that do not change what a run computes: a rerun may change them and still resume
+NOT_IDENTITY = {"out", "resume", "overwrite", "max_steps", "save_every", "log_rollouts_every", "cache_size",
+                "micro_batch", "activation_checkpointing", "ref_offload", "vllm_gpu_memory", "trust_remote_code",
+                "eval_data", "eval_every", "eval_max_new_tokens"}
+
+
+def training_identity(stage, args):
+    """What determines a training run's results: the stage, the starting model (vlaa.runs.fingerprint_model),
+    the data file (path and size) and every flag but those in NOT_IDENTITY. --max-steps is not part of it, so
+    a finished run can be extended with --resume and a larger --max-steps."""
+    from vlaa.runs import fingerprint_model, run_identity
+
+    data = os.path.realpath(args.data)
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IDENTITY | {"model", "data"}}
+    return run_identity(stage=stage, model=fingerprint_model(args.model),
+                        data={"path": data, "bytes": os.path.getsize(data)}, flags=flags)
+
+
+def _all_ranks_agree(error, world, device):
+    """Raise on every rank if any rank failed (a SystemExit on rank 0 alone would leave the others waiting)."""
+    if world > 1 or FORCE_FSDP:
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if error else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if t.item() and error is None:
+            raise SystemExit(1)  # rank 0 said why
+    if error is not None:
+        raise error
+
+
+def start_or_resume(out, identity, resume, overwrite, total_steps, env, model, optimizer, logs=("metrics.jsonl",)):
+    """Claim OUT for this run and, with resume, load its last checkpoint into model and optimizer ->
+    (the checkpoint's trainer.json: step and what the stage saved, or {} for a fresh run; the run id).
+
+    A fresh run refuses a folder that holds another run, or this one already (started or finished), unless
+    overwrite (then the old outputs go). --resume refuses another run's folder, a folder with no checkpoint
+    of this run, and a run already at --max-steps; it cuts the logs back to the checkpoint's step, so no step
+    is logged twice. Checkpoints are tagged with the run id: pruning and resuming touch only this run's."""
+    import hashlib
+
+    from vlaa import checkpoints, runs
+
+    run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    outputs = ("checkpoints", "model", *logs)
+    error, ckpt = None, None
+    try:
+        found = os.path.join(out, runs.RUN_FILE)
+        if resume and not os.path.exists(found):
+            raise SystemExit(f"--resume: {out} holds no run to resume; start it without --resume")
+        if not overwrite and os.path.exists(found):
+            with open(found) as f:
+                stage = json.load(f).get("stage")
+            if stage != identity["stage"]:  # another stage's folder: say that, not every flag that differs
+                raise SystemExit(f"{out} holds a {stage} run, not a {identity['stage']} one; use another --out")
+        if env["master"]:
+            runs.claim_run(out, identity, resume=resume, overwrite=overwrite, outputs=outputs)
+        if resume:
+            ckpt = checkpoints.latest_checkpoint(out, run_id=run_id)
+            if ckpt is None:
+                raise SystemExit(f"--resume: {out} has no complete checkpoint of this run; start it without --resume "
+                                 "(with --overwrite to clear the folder)")
+            with open(os.path.join(ckpt, "trainer.json")) as f:
+                step = json.load(f)["step"]
+            if step >= total_steps:
+                raise SystemExit(f"--resume: the run in {out} is already at step {step} of {total_steps}; raise "
+                                 "--max-steps to train further, or --overwrite to start again")
+            if env["master"]:
+                cut_logs(out, step, logs)
+    except SystemExit as e:
+        error = e
+    _all_ranks_agree(error, env["world"], env["device"])
+    if ckpt is None:
+        return {}, run_id
+    state = checkpoints.load_checkpoint(ckpt, model, optimizer, env["rank"])
+    if env["master"]:
+        print(f"resumed from {ckpt} at step {state['step']}")
+    return state, run_id
+
+
+def checkpoint_if_due(out, step, total_steps, save_every, stop_requested, model, optimizer, extra, env, run_id):
+    """After step `step` (1-based): a checkpoint every save_every steps (None: every ~10% of the run), and one
+    at once when any rank got SIGTERM, after which the run stops (exit code 143; --resume continues). The last
+    step is saved by finish_training."""
+    from vlaa import checkpoints
+
+    save_every = save_every or checkpoints.default_save_every(total_steps)
+    stopping = checkpoints.any_rank(stop_requested(), env["world"], env["device"])
+    if step < total_steps and (stopping or step % save_every == 0):
+        path = checkpoints.save_checkpoint(out, step, model, optimizer, extra, env["rank"], run_id=run_id)
+        if stopping:
+            checkpoints.exit_after_sigterm(path, step, env["rank"])
+
+
+def cut_logs(out, step, logs):
+    """Keep only the log lines of steps up to `step` (the checkpoint a resumed run starts from)."""
+    from vlaa.jsonl import read_jsonl, write_jsonl
+
+    for name in logs:
+        path = os.path.join(out, name)
+        if os.path.exists(path):  # a torn or damaged line is dropped with the rest of what comes after `step`
+            write_jsonl(path, [r for _, r in read_jsonl(path, bad=[]) if r.get("step", 0) <= step])

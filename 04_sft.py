@@ -41,6 +41,7 @@ p.add_argument("--model", required=True, help="starting checkpoint: hub id or fo
 p.add_argument("--data", required=True, help="sft.jsonl from 03, or the released VLAA-Thinking-SFT-126K.json")
 p.add_argument("--fmt", default="auto", choices=["auto", "ours", "vlaa"], help="record format of --data")
 p.add_argument("--image-root", default=None, help="folder that image paths are relative to (default: the data file's)")
+p.add_argument("--skip-bad", action="store_true", help="leave out and count bad records instead of stopping")
 p.add_argument("--out", required=True, help="output folder")
 p.add_argument("--no-system-prompt", action="store_true", help="train without the VLAA system prompt")
 p.add_argument("--max-length", type=int, default=4096, help="samples longer than this (tokens) are dropped and counted")
@@ -140,7 +141,7 @@ def main(argv=None):
 
     # data
     system = None if args.no_system_prompt else SYSTEM_PROMPT
-    records = load_records(args.data, args.fmt, args.image_root, need=("question", "response"))
+    records = load_records(args.data, args.fmt, args.image_root, ("question", "response"), args.skip_bad)
     records, n_dropped = fitting_records(records, tokenizer, image_processor, args.max_length, system)
     if len(records) < args.global_batch:
         raise SystemExit(f"{args.data}: only {len(records)} samples fit in --max-length {args.max_length}; "
@@ -149,8 +150,8 @@ def main(argv=None):
     total_steps = args.max_steps or max(1, math.floor(args.epochs * per_epoch))
     encode = prompt_encoder(tokenizer, image_processor, system, args.cache_size, response=True)
     warmup = training.warmup_updates(total_steps, args.warmup_ratio)
-    held_out = load_records(args.eval_data, args.fmt, args.image_root, need=("question", "answer", "verifier_type"))\
-        if args.eval_data else []
+    held_out = load_records(args.eval_data, args.fmt, args.image_root, ("question", "answer", "verifier_type"),
+                            args.skip_bad) if args.eval_data else []
     held_out = [r for r in held_out if r["verifier_type"] != "open"]  # open answers need a judge: not scored here
     encode_prompt = prompt_encoder(tokenizer, image_processor, system, args.cache_size)
     if master:

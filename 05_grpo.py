@@ -45,6 +45,7 @@ p.add_argument("--model", required=True, help="starting checkpoint: hub id, 04_s
 p.add_argument("--data", required=True, help="rl.jsonl from 03 or the released VLAA-Thinking-GRPO-25K.json")
 p.add_argument("--fmt", default="auto", choices=["auto", "ours", "vlaa"], help="record format of --data")
 p.add_argument("--image-root", default=None, help="folder that image paths are relative to (default: the data file's)")
+p.add_argument("--skip-bad", action="store_true", help="leave out and count bad records instead of stopping")
 p.add_argument("--out", required=True, help="output folder")
 p.add_argument("--no-system-prompt", action="store_true", help="prompt without the VLAA system prompt")
 p.add_argument("--min-pixels", type=int, default=None, help="image processor min_pixels (default: the checkpoint's)")
@@ -333,8 +334,8 @@ def rollout_hf(model, prompts, group_size, args, pad_id, features=None):
 # The loop
 
 
-def load_rl_records(path, fmt, image_root, types, has_rm, master):
-    records = load_records(path, fmt, image_root, need=("question", "answer", "verifier_type"))
+def load_rl_records(path, args, types, has_rm, master):
+    records = load_records(path, args.fmt, args.image_root, ("question", "answer", "verifier_type"), args.skip_bad)
     records = [r for r in records if r["verifier_type"] in types]
     kept = [r for r in records if r["verifier_type"] != "open" or has_rm]
     if master and len(kept) < len(records):  # dropped with a count, never scored 0
@@ -413,11 +414,10 @@ def main(argv=None):
     # data
     system = None if args.no_system_prompt else qwen.SYSTEM_PROMPT
     types = [normalize_verifier(t, "--verifier-types") for t in args.verifier_types.split(",")]
-    records = load_rl_records(args.data, args.fmt, args.image_root, types, rm is not None, master)
+    records = load_rl_records(args.data, args, types, rm is not None, master)
     if len(records) < args.rollout_batch:
         raise SystemExit(f"{args.data}: {len(records)} usable prompts, fewer than --rollout-batch {args.rollout_batch}")
-    held_out = load_rl_records(args.eval_data, args.fmt, args.image_root, types, rm is not None, master) \
-        if args.eval_data else []
+    held_out = load_rl_records(args.eval_data, args, types, rm is not None, master) if args.eval_data else []
     encode = qwen.prompt_encoder(tokenizer, image_processor, system, args.cache_size, model=model)
     total_steps = args.max_steps or max(1, int(args.episodes * (len(records) // args.rollout_batch)))
     updates_per_step = rows_per_rank // train_rows * args.ppo_epochs

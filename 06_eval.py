@@ -43,7 +43,7 @@ from typing import NamedTuple
 import torch
 
 import rewards
-from vlaa import backends, jsonl, qwen, records, runs
+from vlaa import backends, jsonl, judge_prompts, qwen, records, runs
 from vlaa import benchmarks as B
 
 SIX = ("mathvista", "mathvision", "mathverse", "dynamath", "wemath", "logicvista")
@@ -547,14 +547,14 @@ def score_benchmark(name, bench, recs, responses, judge=None, judge_model=None, 
         return rows
     if bench.hub is None:  # toy/jsonl: `open` answers are graded by the paper's verify prompt
         asked = [r for r in rows if r["verifier_type"] == "open" and r["extracted"] is not None]
-        replies = ask_judge(judge, judge_model, judge_path, [(r["qid"], B.judge_prompt(
-            B.JUDGE_PROMPTS[name], name, r, r["extracted"])) for r in asked])
+        replies = ask_judge(judge, judge_model, judge_path, [(r["qid"], judge_prompts.judge_prompt(
+            judge_prompts.JUDGE_PROMPTS[name], name, r, r["extracted"])) for r in asked])
         for r in asked:
             r["correct"] = replies[r["qid"]].lower().startswith("yes")
         return rows
     asked = [r for r in rows if needs_judge(bench, r, r)]
-    replies = ask_judge(judge, judge_model, judge_path, [(r["qid"], B.judge_prompt(
-        B.JUDGE_PROMPTS[name], name, r, r["prediction"])) for r in asked])
+    replies = ask_judge(judge, judge_model, judge_path, [(r["qid"], judge_prompts.judge_prompt(
+        judge_prompts.JUDGE_PROMPTS[name], name, r, r["prediction"])) for r in asked])
     for r in asked:
         reply = replies[r["qid"]]
         answer = bench.extract(r, reply) or (reply if reply and reply.lower() not in ("null", "none") else None)
@@ -562,8 +562,8 @@ def score_benchmark(name, bench, recs, responses, judge=None, judge_model=None, 
         r["correct"] = bool(bench.is_correct(r, answer))
     if bench.grade is not None:  # MathVerse's second stage: the judge grades what exact match did not accept
         graded = [r for r in rows if not r["correct"] and r["extracted"] is not None]
-        replies = ask_judge(judge, judge_model, judge_path, [(r["qid"] + "/grade", B.judge_prompt(
-            B.MATHVERSE_GRADE, name, r, r["extracted"])) for r in graded])
+        replies = ask_judge(judge, judge_model, judge_path, [(r["qid"] + "/grade", judge_prompts.judge_prompt(
+            judge_prompts.MATHVERSE_GRADE, name, r, r["extracted"])) for r in graded])
         for r in graded:
             r["correct"] = replies[r["qid"] + "/grade"].strip() == "1"
     return rows

@@ -29,8 +29,8 @@ import torch
 from tqdm import tqdm
 
 import rewards
-from vlaa import checkpoints, training
-from vlaa.qwen import SYSTEM_PROMPT, collate, prompt_encoder, prompt_length, to_device
+from vlaa import checkpoints, qwen, training
+from vlaa.qwen import SYSTEM_PROMPT, collate, prompt_encoder, to_device
 from vlaa.records import load_records
 
 # ----------------------------------------------------------------------------------------------------
@@ -46,7 +46,8 @@ p.add_argument("--out", required=True, help="output folder")
 p.add_argument("--no-system-prompt", action="store_true", help="train without the VLAA system prompt")
 p.add_argument("--max-length", type=int, default=4096, help="samples longer than this (tokens) are dropped and counted")
 p.add_argument("--min-pixels", type=int, default=None, help="image processor min_pixels (default: the checkpoint's)")
-p.add_argument("--max-pixels", type=int, default=None, help="image processor max_pixels (paper eval: 256*32*32)")
+p.add_argument("--max-pixels", type=int, default=None, help="image processor max_pixels (default: the "
+               "checkpoint's, at most 256*32*32, the paper's evaluation budget; 05 uses the same)")
 p.add_argument("--global-batch", type=int, default=128, help="samples per optimizer step over all ranks (paper: 128)")
 p.add_argument("--micro-batch", type=int, default=4, help="samples per forward pass on one rank")
 p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (paper: about 1)")
@@ -74,15 +75,6 @@ p.add_argument("--seed", type=int, default=0)
 
 # ----------------------------------------------------------------------------------------------------
 # Data: drop what does not fit (never truncate through image tokens); encoding is vlaa.qwen.prompt_encoder
-
-
-def fitting_records(records, tokenizer, image_processor, max_length, system):
-    """Keep the records whose full sequence fits in max_length; return (kept, number dropped). A sample is
-    never cut: a cut through its image tokens would break the model's input. Lengths are exact (the same
-    tokenisation as encoding) and read from the image headers, without decoding any pixels."""
-    kept = [r for r in records if prompt_length(tokenizer, image_processor, r["question"], r["image"],
-                                                r["response"], system) <= max_length]
-    return kept, len(records) - len(kept)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -132,7 +124,7 @@ def main(argv=None):
     if args.global_batch % world:
         raise SystemExit(f"--global-batch {args.global_batch} must be divisible by the number of ranks ({world})")
     torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
+    args.max_pixels = qwen.training_max_pixels(args.model, args.max_pixels)  # the trainer's (and engine's)
 
     # model: fp32 master weights; bf16 compute on GPU (autocast, or FSDP2's policy when sharded)
     model, tokenizer, image_processor, params, optimizer = training.load_trainable(
@@ -142,7 +134,7 @@ def main(argv=None):
     # data
     system = None if args.no_system_prompt else SYSTEM_PROMPT
     records = load_records(args.data, args.fmt, args.image_root, ("question", "response"), args.skip_bad)
-    records, n_dropped = fitting_records(records, tokenizer, image_processor, args.max_length, system)
+    records, n_dropped = qwen.fitting(records, tokenizer, image_processor, args.max_length, system, response=True)
     if len(records) < args.global_batch:
         raise SystemExit(f"{args.data}: only {len(records)} samples fit in --max-length {args.max_length}; "
                          f"need at least --global-batch {args.global_batch}")

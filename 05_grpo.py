@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 import rewards
-from vlaa import checkpoints, qwen, training
+from vlaa import checkpoints, colocate, qwen, training
 from vlaa.records import has_aha, load_records, normalize_verifier
 
 # ----------------------------------------------------------------------------------------------------
@@ -49,7 +49,8 @@ p.add_argument("--skip-bad", action="store_true", help="leave out and count bad 
 p.add_argument("--out", required=True, help="output folder")
 p.add_argument("--no-system-prompt", action="store_true", help="prompt without the VLAA system prompt")
 p.add_argument("--min-pixels", type=int, default=None, help="image processor min_pixels (default: the checkpoint's)")
-p.add_argument("--max-pixels", type=int, default=None, help="image processor max_pixels")
+p.add_argument("--max-pixels", type=int, default=None, help="image processor max_pixels, also the vLLM engine's "
+               "(default: the checkpoint's, at most 256*32*32, the paper's evaluation budget)")
 # rollouts
 p.add_argument("--rollout", default="hf", choices=["hf", "vllm"], help="hf: transformers generate; vllm: colocated")
 p.add_argument("--rollout-batch", type=int, default=512, help="prompts per step over all ranks (paper: 512)")
@@ -57,7 +58,10 @@ p.add_argument("--group-size", type=int, default=4, help="completions per prompt
 p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (paper: 0.8)")
 p.add_argument("--top-p", type=float, default=1.0)
 p.add_argument("--max-new-tokens", type=int, default=1024, help="completion length cap (paper: not stated)")
-p.add_argument("--vllm-gpu-memory", type=float, default=0.3, help="vLLM gpu_memory_utilization per rank")
+p.add_argument("--max-prompt-length", type=int, default=2048, help="prompts longer than this (tokens, the image's "
+               "included) are dropped with a count; the vLLM engine's context is this + --max-new-tokens")
+p.add_argument("--vllm-gpu-memory", type=float, default=None, help="vLLM gpu_memory_utilization per rank (default: "
+               "0.3 on GPU; on CPU, where it is a share of host RAM, a fixed 1 GiB KV cache)")
 p.add_argument("--vllm-is-cap", type=float, default=2.0, help="--rollout vllm: cap of the importance weight "
                "pi_trainer / pi_vllm correcting the engine's sampling mismatch; 0: off (default: %(default)s)")
 p.add_argument("--vllm-is-level", default="token", choices=["token", "sequence"], help="that weight per token or per "
@@ -149,14 +153,10 @@ def kl_k3(logp, ref_logp):
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_high=0.2, kl_coef=0.0,
                 loss_agg="seq", normalizer=None, importance_level="token", dual_clip=0.0, is_weights=None):
     """The clipped GRPO surrogate plus kl_coef * k3 KL. logp, old_logp, ref_logp, mask: [B, T] per token;
-    advantages: [B]. Returns (loss, stats dict of floats).
-
-    The paper's objective is the first five lines: ratio, clip, pessimistic min, KL, mean. Options, off by
-    default: importance_level="sequence" (GSPO: one ratio per completion), dual_clip=c (for negative
-    advantages the loss is capped at c * |A|), is_weights (the rollout engine's sampling mismatch). A caller
-    splitting a batch over micro-batches and ranks passes the global count as normalizer (loss_normalizer),
-    so the pieces add up to the loss of the whole batch.
-    """
+    advantages: [B]. Returns (loss, stats dict of floats). The paper's objective is ratio, clip, pessimistic
+    min, KL, mean; off by default: importance_level="sequence" (GSPO), dual_clip=c (a negative advantage's
+    loss capped at c |A|), is_weights (the rollout engine's sampling mismatch). Split over micro-batches and
+    ranks, the caller passes the global count as normalizer, so the pieces add up to the whole batch's loss."""
     mask = mask.float()
     ratio = importance_ratio(logp, old_logp, mask, importance_level)  # [B, T], or [B, 1] per sequence
     adv = advantages.unsqueeze(1)  # [B, 1]: one advantage for every token of a completion
@@ -192,31 +192,29 @@ def importance_ratio(logp, old_logp, mask, level="token"):
 
 
 def aggregate(masked_loss, mask, loss_agg, normalizer=None):
-    """Per-token losses [B, T] (already masked) -> one number. The three conventions:
+    """Per-token losses [B, T] (already masked) -> one number. The three conventions (docs/grpo.md):
     seq      each completion's token mean, then the mean over completions (the paper's OpenRLHF; TRL "grpo")
-    token    sum over all completion tokens / their number (TRL "dapo"/"bnpo", DAPO)
-    dr_grpo  sum over all completion tokens / (completions x max_new_tokens) (TRL "dr_grpo", Dr. GRPO):
-             a constant, so long and short answers weigh per token the same
-    normalizer: the count to divide by (see loss_normalizer); default: this batch's own."""
+    token    sum over all completion tokens / their number (TRL "dapo", DAPO)
+    dr_grpo  sum over all completion tokens / (completions x max_new_tokens) (TRL "dr_grpo", Dr. GRPO)
+    normalizer: what to divide by (loss_normalizer summed over ranks); default: this batch's own."""
+    if normalizer is None:
+        normalizer = loss_normalizer(mask, loss_agg, mask.shape[1])
     if loss_agg == "seq":
-        per_seq = masked_loss.sum(1) / mask.sum(1).clamp(min=1)  # [B]; an empty row adds 0
-        return per_seq.sum() / (normalizer if normalizer is not None else (mask.sum(1) > 0).sum().clamp(min=1))
-    if loss_agg == "token":
-        return masked_loss.sum() / (normalizer if normalizer is not None else mask.sum().clamp(min=1))
-    if loss_agg == "dr_grpo":
-        return masked_loss.sum() / (normalizer if normalizer is not None else mask.numel())
-    raise ValueError(f"loss_agg must be 'seq', 'token' or 'dr_grpo', not {loss_agg!r}")
+        masked_loss = masked_loss.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)  # [B, 1]
+    return masked_loss.sum() / torch.as_tensor(normalizer).clamp(min=1)
 
 
 def loss_normalizer(mask, loss_agg, max_new_tokens):
-    """What `aggregate` divides by, for the rows of one optimizer update on this rank ([rows, T] mask);
-    summed over ranks by the caller: completions with any token left (seq; empty rows are out, as in verl),
-    tokens (token), all completions x max_new_tokens (dr_grpo)."""
+    """What `aggregate` divides by, for the rows of one optimizer update on this rank ([rows, T] mask):
+    completions with any token left (seq; empty rows are out, as in verl), tokens (token), all completions x
+    max_new_tokens (dr_grpo: a constant, so long and short answers weigh the same per token)."""
     if loss_agg == "seq":
         return (mask.sum(1) > 0).float().sum()
     if loss_agg == "token":
         return mask.sum()
-    return torch.tensor(float(mask.shape[0] * max_new_tokens))
+    if loss_agg == "dr_grpo":
+        return torch.tensor(float(mask.shape[0] * max_new_tokens))
+    raise ValueError(f"loss_agg must be 'seq', 'token' or 'dr_grpo', not {loss_agg!r}")
 
 
 def truncated_is_weights(old_logp, sampler_logp, mask, cap=2.0, level="token"):
@@ -316,8 +314,8 @@ def frozen_logprobs(model, batches, comp, temperature, vision_ids):
 
 
 def rollout_hf(model, prompts, group_size, args, pad_id, features=None):
-    """Sample G completions per prompt with the current policy -> (ids [N, T], mask [N, T]), N = prompts * G.
-    With precomputed vision features, the vision tower does not run again on G copies of each image."""
+    """G completions per prompt -> (ids [N, T], mask [N, T], None: it samples what the loss scores), N = prompts
+    * G. With precomputed vision features, the vision tower does not run again on G copies of each image."""
     batch = qwen.repeat_batch(qwen.collate(prompts, pad_id), group_size)  # rows p*G .. p*G+G-1: prompt p
     if features is not None:
         del batch["pixel_values"]
@@ -327,20 +325,24 @@ def rollout_hf(model, prompts, group_size, args, pad_id, features=None):
     comp, mask = qwen.sample_completions(model, qwen.to_device(batch, model.device), args.max_new_tokens,
                                     args.temperature, args.top_p, pad_id=pad_id)
     model.train()
-    return comp, mask
+    return comp, mask, None
 
 
 # ----------------------------------------------------------------------------------------------------
 # The loop
 
 
-def load_rl_records(path, args, types, has_rm, master):
+def load_rl_records(path, args, types, has_rm, tokenizer, image_processor, system, master):
+    """The prompts 05 trains on: of the chosen verifier types, `open` ones only with a reward model (dropped
+    with a count, never scored 0), and short enough for --max-prompt-length (never cut)."""
     records = load_records(path, args.fmt, args.image_root, ("question", "answer", "verifier_type"), args.skip_bad)
     records = [r for r in records if r["verifier_type"] in types]
     kept = [r for r in records if r["verifier_type"] != "open" or has_rm]
-    if master and len(kept) < len(records):  # dropped with a count, never scored 0
-        print(f"dropped {len(records) - len(kept)} `open` samples: they need --reward-model")
-    return kept
+    fit, too_long = qwen.fitting(kept, tokenizer, image_processor, args.max_prompt_length, system)
+    if master and len(fit) < len(records):
+        print(f"{path}: dropped {len(records) - len(kept)} `open` prompts (they need --reward-model) and {too_long} "
+              f"longer than --max-prompt-length {args.max_prompt_length}")
+    return fit
 
 
 def group_stats(rewards_t, texts, group_size):
@@ -393,14 +395,10 @@ def main(argv=None):
     if rows_per_rank % train_rows:
         raise SystemExit("--rollout-batch x --group-size must be a multiple of --train-batch")
     torch.manual_seed(args.seed + rank)  # each rank samples its own completions
-    os.makedirs(args.out, exist_ok=True)
+    args.max_pixels = qwen.training_max_pixels(args.model, args.max_pixels)  # the trainer's (and engine's)
 
     # models: the policy (sharded under torchrun), a frozen reference, the reward model, the vLLM engine
-    llm = None
-    if args.rollout == "vllm":
-        from vlaa import colocate
-
-        llm = colocate.make_vllm_engine(args, rank)
+    llm = colocate.make_vllm_engine(args, rank) if args.rollout == "vllm" else None  # before the policy lands
     model, tokenizer, image_processor, params, optimizer = training.load_trainable(
         args.model, device, world, args.lr, args.weight_decay, args.train_vision, args.activation_checkpointing,
         args.min_pixels, args.max_pixels)
@@ -414,10 +412,11 @@ def main(argv=None):
     # data
     system = None if args.no_system_prompt else qwen.SYSTEM_PROMPT
     types = [normalize_verifier(t, "--verifier-types") for t in args.verifier_types.split(",")]
-    records = load_rl_records(args.data, args, types, rm is not None, master)
+    records = load_rl_records(args.data, args, types, rm is not None, tokenizer, image_processor, system, master)
     if len(records) < args.rollout_batch:
         raise SystemExit(f"{args.data}: {len(records)} usable prompts, fewer than --rollout-batch {args.rollout_batch}")
-    held_out = load_rl_records(args.eval_data, args, types, rm is not None, master) if args.eval_data else []
+    held_out = load_rl_records(args.eval_data, args, types, rm is not None, tokenizer, image_processor, system,
+                               master) if args.eval_data else []
     encode = qwen.prompt_encoder(tokenizer, image_processor, system, args.cache_size, model=model)
     total_steps = args.max_steps or max(1, int(args.episodes * (len(records) // args.rollout_batch)))
     updates_per_step = rows_per_rank // train_rows * args.ppo_epochs
@@ -443,13 +442,12 @@ def main(argv=None):
         # reused by generate and by the reference, old and policy forwards of all G completions
         t0 = time.perf_counter()
         features = None if args.train_vision else image_features(model, prompts)
-        sampler_logp = None
         if llm is not None:
             colocate.push_weights_to_vllm(llm, model, skip_vision=not args.train_vision)
             comp, comp_mask, sampler_logp = colocate.rollout_vllm(llm, step_records, args.group_size, args,
                                                                   tokenizer, system, vision_ids)
         else:
-            comp, comp_mask = rollout_hf(model, prompts, args.group_size, args, pad_id, features)
+            comp, comp_mask, sampler_logp = rollout_hf(model, prompts, args.group_size, args, pad_id, features)
         comp, comp_mask = comp.cpu(), comp_mask.cpu()  # [N, T], N = this rank's prompts * G
         texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
         truncated = ~torch.isin(comp, eos_ids).any(1)  # [N]: cut off by --max-new-tokens, no EOS
@@ -543,7 +541,9 @@ def main(argv=None):
                                    {"kl_coef": kl_coef}, env, run_id)
 
     checkpoints.finish_training(args.out, total_steps, model, optimizer, {"kl_coef": kl_coef}, tokenizer,
-                                image_processor, env, run_id=run_id)
+                                image_processor, env, run_id=run_id, close_group=llm is None)
+    if llm is not None:
+        colocate.close_vllm_engine(llm)  # vLLM's teardown closes the process group too
 
 
 if __name__ == "__main__":

@@ -122,11 +122,11 @@ def test_released_records_load_and_too_long_samples_are_counted_not_cut(tmp_path
     loaded = records.load_records(str(path), need=("question", "response"))
     assert [r["response"] for r in loaded] == [short["answer"], long["answer"]]
     full = qwen.encode_example(tok, ip, "Colour?", solid_image(56), response=short["answer"])
-    kept, dropped = sft.fitting_records(loaded, tok, ip, len(full["input_ids"]) + 100, qwen.SYSTEM_PROMPT)
+    kept, dropped = qwen.fitting(loaded, tok, ip, len(full["input_ids"]) + 100, qwen.SYSTEM_PROMPT, response=True)
     assert (len(kept), dropped) == (1, 1)
-    kept, dropped = sft.fitting_records(loaded[:1], tok, ip, len(full["input_ids"]), qwen.SYSTEM_PROMPT)
+    kept, dropped = qwen.fitting(loaded[:1], tok, ip, len(full["input_ids"]), qwen.SYSTEM_PROMPT, response=True)
     assert (len(kept), dropped) == (1, 0)  # the length check is exact: a sample of exactly max_length fits
-    kept, dropped = sft.fitting_records(loaded[:1], tok, ip, len(full["input_ids"]) - 1, qwen.SYSTEM_PROMPT)
+    kept, dropped = qwen.fitting(loaded[:1], tok, ip, len(full["input_ids"]) - 1, qwen.SYSTEM_PROMPT, response=True)
     assert (len(kept), dropped) == (0, 1)
 
 

@@ -342,9 +342,11 @@ def export_hf(model, tokenizer, image_processor, out, rank=0, dtype=None):
     return out
 
 
-def finish_training(out, step, model, optimizer, extra, tokenizer, image_processor, env, run_id=None):
+def finish_training(out, step, model, optimizer, extra, tokenizer, image_processor, env, run_id=None,
+                    close_group=True):
     """The end of 04 and 05: a last checkpoint, the Hugging Face export (bf16 from a GPU run), and the
-    process group closed. Returns the model folder on rank 0."""
+    process group closed (unless a vLLM engine will close it in its own teardown). Returns the model folder
+    on rank 0."""
     import torch.distributed as dist
 
     save_checkpoint(out, step, model, optimizer, extra, env["rank"], run_id=run_id)
@@ -352,6 +354,6 @@ def finish_training(out, step, model, optimizer, extra, tokenizer, image_process
     folder = export_hf(model, tokenizer, image_processor, os.path.join(out, "model"), env["rank"], dtype)
     if env["master"]:
         print(f"saved {folder}")
-    if dist.is_initialized():
+    if close_group and dist.is_initialized():
         dist.destroy_process_group()
     return folder

@@ -151,7 +151,8 @@ def add_generation_args(parser, batch_size=64, max_new_tokens=1024, temperature=
                    help="vllm: context length; None keeps the model's (default: %(default)s)")
     g.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="vllm: share of each GPU's memory the engine may take (default: 0.9 on GPU; on CPU, "
-                        "where it is a share of host RAM, 0.05)")
+                        "where vLLM reads it as a share of host RAM that must also hold this process, a fixed "
+                        "1 GiB KV cache instead)")
     g.add_argument("--max-pixels", type=int, default=None,
                    help="hf/vllm: resize images to at most this many pixels (default: the model's setting)")
     g.add_argument("--batch-size", type=POSITIVE_INT, default=batch_size,
@@ -168,14 +169,6 @@ def add_generation_args(parser, batch_size=64, max_new_tokens=1024, temperature=
                         "instead of stopping; a rerun retries them")
 
 
-def gpu_memory_default(value):
-    """vLLM's gpu_memory_utilization: on a CPU build it is the share of HOST RAM for the KV cache, and 0.9
-    refuses to start when other processes hold memory; the toy model needs far less than 0.05."""
-    import torch
-
-    return value if value is not None else (0.9 if torch.cuda.is_available() else 0.05)
-
-
 def backend_from_args(args, model):
     """make_backend with the options of `args.backend` taken from add_generation_args' flags."""
     from vlaa.backends import make_backend
@@ -184,7 +177,7 @@ def backend_from_args(args, model):
         "hf": {"batch_size": args.batch_size, "max_pixels": args.max_pixels},
         "toy": {},
         "vllm": {"tensor_parallel_size": args.tensor_parallel_size, "max_model_len": args.max_model_len,
-                 "gpu_memory_utilization": gpu_memory_default(args.gpu_memory_utilization),
+                 "gpu_memory_utilization": args.gpu_memory_utilization,
                  "max_pixels": args.max_pixels, "seed": args.seed},
         "openai": {"base_url": args.base_url, "api_key": os.environ.get(args.api_key_env, ""),
                    "concurrency": args.concurrency, "timeout": args.timeout, "retries": args.retries},

@@ -27,6 +27,11 @@ SYSTEM_PROMPT = (
     "<answer> answer here </answer>"
 )
 
+# The largest image budget 04, 05 and 05's vLLM engine use unless --max-pixels says otherwise: the paper's
+# evaluation setting (256*32*32 = 262,144 px, at most 334 image tokens; docs/paper.md). A checkpoint's own is
+# far larger (Qwen2.5-VL's: 12.8 Mpx, ~16k tokens), which a prompt budget would have to hold.
+MAX_PIXELS = 256 * 32 * 32
+
 
 # ----------------------------------------------------------------------------------------------------
 # Prompts and encoding
@@ -68,6 +73,15 @@ def prompt_length(tokenizer, image_processor, question, image_path=None, respons
     if response is not None:
         n += len(tokenizer(response + tokenizer.eos_token, add_special_tokens=False)["input_ids"])
     return n
+
+
+def fitting(records, tokenizer, image_processor, max_length, system=SYSTEM_PROMPT, response=False):
+    """The records whose encoding (image tokens included; with response, the answer too) fits in max_length
+    tokens -> (kept, number dropped). A record is never cut: a cut through its image tokens would break the
+    model's input, and a cut answer teaches a wrong one. Lengths are exact, from the image headers alone."""
+    kept = [r for r in records if prompt_length(tokenizer, image_processor, r["question"], r["image"],
+                                                r["response"] if response else None, system) <= max_length]
+    return kept, len(records) - len(kept)
 
 
 def encode_example(tokenizer, image_processor, question, image=None, response=None, system=SYSTEM_PROMPT):
@@ -191,6 +205,16 @@ def load_model(path, dtype="auto", device="cpu", min_pixels=None, max_pixels=Non
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=resolve_dtype(dtype, device),
                                                         trust_remote_code=trust_remote_code)
     return model.to(device), tokenizer, image_processor
+
+
+def training_max_pixels(path, max_pixels=None):
+    """The image budget of a training run: max_pixels when given, else the checkpoint's own, at most
+    MAX_PIXELS. 05 resolves it before building its vLLM engine, so the engine and the trainer agree."""
+    if max_pixels is not None:
+        return max_pixels
+    from transformers import AutoImageProcessor
+
+    return min(AutoImageProcessor.from_pretrained(path).size["longest_edge"], MAX_PIXELS)
 
 
 def vision_token_ids(config):

@@ -88,6 +88,19 @@ def hf_backend(model, batch_size=16, device=None, dtype="auto", min_pixels=None,
 
 VISION_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|video_pad|>", "<|vision_end|>")
 VLLM_CHUNK = 256  # requests whose images are decoded and handed to the engine at once
+CPU_KV_CACHE_BYTES = 1 << 30  # vLLM's CPU build: 1 GiB of KV cache (the toy model: ~500k tokens)
+
+
+def vllm_memory(gpu_memory_utilization=None, gpu_default=0.9):
+    """The engine's memory keywords. On a GPU: the share of its memory the engine may take (gpu_default
+    unless given). vLLM's CPU build reads the same share as host RAM that must hold this whole process too
+    (it subtracts the process's resident memory), so any default share refuses to start on some machine;
+    there the KV cache gets a fixed size instead, unless a share is given."""
+    if gpu_memory_utilization is not None:
+        return {"gpu_memory_utilization": gpu_memory_utilization}
+    if not torch.cuda.is_available():
+        return {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+    return {"gpu_memory_utilization": gpu_default}
 
 
 def vllm_requests(tokenizer, requests):
@@ -118,7 +131,7 @@ def vision_logit_bias(tokenizer):
     return {vocab[t]: -100.0 for t in VISION_TOKENS if t in vocab}
 
 
-def vllm_backend(model, tensor_parallel_size=1, max_model_len=None, gpu_memory_utilization=0.9, min_pixels=None,
+def vllm_backend(model, tensor_parallel_size=1, max_model_len=None, gpu_memory_utilization=None, min_pixels=None,
                  max_pixels=None, limit_mm_per_prompt=None, dtype="auto", seed=0, trust_remote_code=False,
                  **engine_kwargs):
     """An offline vllm.LLM. One engine per process: tensor_parallel_size = the node's GPUs for a 72B
@@ -134,9 +147,8 @@ def vllm_backend(model, tensor_parallel_size=1, max_model_len=None, gpu_memory_u
         pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         if pixels:
             engine_kwargs["mm_processor_kwargs"] = pixels
-    llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
-              gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, seed=seed,
-              trust_remote_code=trust_remote_code, **engine_kwargs)
+    llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, dtype=dtype,
+              seed=seed, trust_remote_code=trust_remote_code, **vllm_memory(gpu_memory_utilization), **engine_kwargs)
     bias = vision_logit_bias(tokenizer) or None
 
     def gen(requests, n=1, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, **_):

@@ -113,7 +113,7 @@ def run_ours(args):
                "--rollout-batch", "1", "--group-size", str(args.G), "--train-batch", str(args.G),
                "--micro-batch", str(args.G), "--max-new-tokens", str(args.T), "--temperature", "1.0",
                "--kl-coef", str(KL_COEF), "--kl-target", "0", "--lr", str(LR), "--min-lr", str(LR),
-               "--warmup-ratio", "0", "--max-steps", str(args.steps), "--save-every", str(10 ** 9)])
+               "--warmup-ratio", "0", "--max-steps", str(args.steps), "--save-every", str(10 ** 9), "--overwrite"])
     for prev, s in zip(steps, steps[1:]):
         s["wall"] = s["t"] - prev["t"]
     return steps[1:]  # step 1 has no start mark; it is warm-up anyway

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 import rewards
-from vlaa import checkpoints, qwen, training
+from vlaa import checkpoints, qwen, runs, training
 from vlaa.qwen import SYSTEM_PROMPT, collate, prompt_encoder, to_device
 from vlaa.records import load_records
 
@@ -150,7 +150,7 @@ def main(argv=None):
         print(f"{len(records)} samples, {n_dropped} dropped as longer than {args.max_length} tokens; "
               f"{total_steps} steps of {args.global_batch} on {world} rank(s)")
 
-    state, run_id = training.start_or_resume(args.out, training.training_identity("04_sft", args), args.resume,
+    state, run_id = runs.start_or_resume(args.out, runs.training_identity("04_sft", args), args.resume,
                                              args.overwrite, total_steps, env, model, optimizer)
     start = state.get("step", 0)
     stop_requested = checkpoints.install_sigterm_handler()  # a preempted job saves before it stops

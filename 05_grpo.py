@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 import rewards
-from vlaa import checkpoints, colocate, qwen, training
+from vlaa import checkpoints, colocate, qwen, runs, training
 from vlaa.records import has_aha, load_records, normalize_verifier
 
 # ----------------------------------------------------------------------------------------------------
@@ -423,7 +423,7 @@ def main(argv=None):
     total_updates = total_steps * updates_per_step  # the LR schedule's length: one point per optimizer update
     warmup = training.warmup_updates(total_updates, args.warmup_ratio)
 
-    state, run_id = training.start_or_resume(args.out, training.training_identity("05_grpo", args), args.resume,
+    state, run_id = runs.start_or_resume(args.out, runs.training_identity("05_grpo", args), args.resume,
                                              args.overwrite, total_steps, env, model, optimizer,
                                              logs=("metrics.jsonl", "rollouts.jsonl"))
     start, kl_coef = state.get("step", 0), state.get("kl_coef", args.kl_coef)

@@ -10,7 +10,8 @@ everything that determines its results and claims the folder with it:
 
 The first claim writes OUT/run.json; a rerun with the same identity goes on quietly; a different identity stops
 with a message naming the fields that differ, unless overwrite=True, which deletes the `outputs` the caller
-names and starts afresh. Used by 04_sft.py, 05_grpo.py and 06_eval.py.
+names and starts afresh. Used by 06_eval.py directly, and by 04_sft.py and 05_grpo.py through
+start_or_resume (which also finds, loads and cuts back to the run's last checkpoint).
 """
 
 import hashlib
@@ -102,3 +103,97 @@ def claim_run(out, identity, resume=True, overwrite=False, outputs=()):
         raise SystemExit(f"{out} has outputs ({', '.join(found)}) but no {RUN_FILE} saying what made them; "
                          "use another --out, or --overwrite to delete them and start again")
     write_json(path, identity)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training runs (04 and 05): what makes them, where they start
+
+# flags that do not change what a run computes: a rerun may change them and still resume
+NOT_IDENTITY = {"out", "resume", "overwrite", "max_steps", "save_every", "log_rollouts_every", "cache_size",
+                "micro_batch", "activation_checkpointing", "ref_offload", "vllm_gpu_memory", "trust_remote_code",
+                "eval_data", "eval_every", "eval_max_new_tokens"}
+
+
+def training_identity(stage, args):
+    """What determines a training run's results: the stage, the starting model (vlaa.runs.fingerprint_model),
+    the data file (path and size) and every flag but those in NOT_IDENTITY. --max-steps is not part of it, so
+    a finished run can be extended with --resume and a larger --max-steps."""
+    data = os.path.realpath(args.data)
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IDENTITY | {"model", "data"}}
+    return run_identity(stage=stage, model=fingerprint_model(args.model),
+                        data={"path": data, "bytes": os.path.getsize(data)}, flags=flags)
+
+
+def _all_ranks_agree(error, world, device):
+    """Raise on every rank if any rank failed (a SystemExit on rank 0 alone would leave the others waiting)."""
+    from vlaa.training import FORCE_FSDP
+
+    if world > 1 or FORCE_FSDP:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if error else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if t.item() and error is None:
+            raise SystemExit(1)  # rank 0 said why
+    if error is not None:
+        raise error
+
+
+def start_or_resume(out, identity, resume, overwrite, total_steps, env, model, optimizer, logs=("metrics.jsonl",)):
+    """Claim OUT for this run and, with resume, load its last checkpoint into model and optimizer ->
+    (the checkpoint's trainer.json: step and what the stage saved, or {} for a fresh run; the run id).
+
+    A fresh run refuses a folder that holds another run, or this one already (started or finished), unless
+    overwrite (then the old outputs go). --resume refuses another run's folder, a folder with no checkpoint
+    of this run, and a run already at --max-steps; it cuts the logs back to the checkpoint's step, so no step
+    is logged twice. Checkpoints are tagged with the run id: pruning and resuming touch only this run's."""
+    import hashlib
+
+    from vlaa import checkpoints
+
+    run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    outputs = ("checkpoints", "model", *logs)
+    error, ckpt = None, None
+    try:
+        found = os.path.join(out, RUN_FILE)
+        if resume and not os.path.exists(found):
+            raise SystemExit(f"--resume: {out} holds no run to resume; start it without --resume")
+        if not overwrite and os.path.exists(found):
+            with open(found) as f:
+                stage = json.load(f).get("stage")
+            if stage != identity["stage"]:  # another stage's folder: say that, not every flag that differs
+                raise SystemExit(f"{out} holds a {stage} run, not a {identity['stage']} one; use another --out")
+        if env["master"]:
+            claim_run(out, identity, resume=resume, overwrite=overwrite, outputs=outputs)
+        if resume:
+            ckpt = checkpoints.latest_checkpoint(out, run_id=run_id)
+            if ckpt is None:
+                raise SystemExit(f"--resume: {out} has no complete checkpoint of this run; start it without --resume "
+                                 "(with --overwrite to clear the folder)")
+            with open(os.path.join(ckpt, "trainer.json")) as f:
+                step = json.load(f)["step"]
+            if step >= total_steps:
+                raise SystemExit(f"--resume: the run in {out} is already at step {step} of {total_steps}; raise "
+                                 "--max-steps to train further, or --overwrite to start again")
+            if env["master"]:
+                cut_logs(out, step, logs)
+    except SystemExit as e:
+        error = e
+    _all_ranks_agree(error, env["world"], env["device"])
+    if ckpt is None:
+        return {}, run_id
+    state = checkpoints.load_checkpoint(ckpt, model, optimizer, env["rank"])
+    if env["master"]:
+        print(f"resumed from {ckpt} at step {state['step']}")
+    return state, run_id
+
+
+def cut_logs(out, step, logs):
+    """Keep only the log lines of steps up to `step` (the checkpoint a resumed run starts from)."""
+    from vlaa.jsonl import read_jsonl, write_jsonl
+
+    for name in logs:
+        path = os.path.join(out, name)
+        if os.path.exists(path):  # a torn or damaged line is dropped with the rest of what comes after `step`
+            write_jsonl(path, [r for _, r in read_jsonl(path, bad=[]) if r.get("step", 0) <= step])

@@ -469,7 +469,8 @@ def main():
                                  allow_abbrev=False)
     ap.add_argument("--size", choices=sorted(WORKLOADS), default="3b", help="3b on a GPU; toy for a CPU test")
     ap.add_argument("--wheels", default=None, help="install these .whl files first (the lent machine; see above)")
-    ap.add_argument("--site", default="/tmp/site", help="where --wheels go (default: %(default)s)")
+    ap.add_argument("--site", default=os.path.join(tempfile.gettempdir(), "vlaa-gpu-site"),
+                    help="where --wheels go (default: %(default)s)")
     ap.add_argument("--out", default="runs/gpu_check", help="gpu_check.json and the logs (default: %(default)s)")
     ap.add_argument("--work", default=None, help="model and data folder (default: a temporary one, deleted)")
     ap.add_argument("--steps", type=int, default=3, help="steps of 04 and of 05 (default: %(default)s)")

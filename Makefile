@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test test-vllm demo venv lint clean
+.PHONY: test test-vllm demo demo-base venv lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test-vllm: $(VLLM_VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) demo.py
+
+# rebuild the demo's toy instruct base (assets/toy-base; deterministic on one thread, ~1.5 minutes)
+demo-base: $(VENV)/.installed
+	$(PY) demo.py --build-base
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -5,11 +5,12 @@ No model or data set can be downloaded on a CPU box or in CI, yet every stage of
 
     python toy.py build-model runs/tiny [--size tiny|small]     # random Qwen2.5-VL, saved like a real one
     python toy.py make-data runs/data --n 2000 --seed 0         # images/, train.jsonl, test.jsonl
+    python toy.py make-data runs/direct --responses   # + each question's direct answer: demo.py's base learns on it
 
 The model folder holds what `from_pretrained` expects of a real Qwen2.5-VL checkpoint (config,
 safetensors, a byte-level BPE tokenizer with Qwen's special tokens and chat template, the image
-processor), so every stage loads it with the same code that loads Qwen/Qwen2.5-VL-3B-Instruct.
-No GPU needed; it builds in well under a second.
+processor), so every stage loads it with the same code that loads Qwen/Qwen2.5-VL-3B-Instruct. It builds in
+well under a second.
 
 The data mirrors the paper's sources (§2, Table 1), one small task per verifier type (§4.1):
 
@@ -95,10 +96,8 @@ CHAT_TEMPLATE = (
 
 def tokenizer_corpus():
     """Lines the BPE is trained on: what the tiny model reads and writes most should be few tokens."""
-    lines = [VLAA_SYSTEM_PROMPT, "You are a helpful assistant.", "system user assistant"]
-    lines += ["<think> </think> <answer> </answer>"] * 50
-    lines += world_corpus()
-    return lines
+    return [VLAA_SYSTEM_PROMPT, "You are a helpful assistant.", "system user assistant",
+            *["<think> </think> <answer> </answer>"] * 50, *world_corpus()]
 
 
 # The values in a sentence (numbers, option letters, colours, shapes): the corpus is cut at them, so that
@@ -155,8 +154,7 @@ def build_model(out, size="tiny", seed=0):
     s = SIZES[size]
     tokenizer = build_tokenizer(tokenizer_corpus())
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    h = s["hidden"]
-    head_dim = h // s["heads"]
+    h, head_dim = s["hidden"], s["hidden"] // s["heads"]
     # M-RoPE splits head_dim/2 rotary pairs over (time, height, width); the sections must add up
     mrope = [head_dim // 2 - 2 * (3 * head_dim // 16), 3 * head_dim // 16, 3 * head_dim // 16]
     config = Qwen2_5_VLConfig(
@@ -175,9 +173,7 @@ def build_model(out, size="tiny", seed=0):
         tie_word_embeddings=True)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.do_sample = False
+    model.generation_config.update(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], do_sample=False)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS,
                                                patch_size=14, merge_size=2, temporal_patch_size=2)
     os.makedirs(out, exist_ok=True)
@@ -194,8 +190,7 @@ def build_model(out, size="tiny", seed=0):
 # find each object as "all pixels of one colour" and nothing is ever ambiguous.
 BACKGROUND, INK = (245, 245, 245), (20, 20, 20)
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 40), "blue": (40, 70, 220), "yellow": (230, 200, 30)}
-SHAPES = ("circle", "square", "triangle")
-JITTER = 20
+SHAPES, JITTER = ("circle", "square", "triangle"), 20  # JITTER: +- per channel, so each object has its own shade
 CELL = 28  # one merged Qwen2.5-VL vision token covers 28x28 px: one object per cell, one cell per token
 
 
@@ -369,16 +364,11 @@ def task_read(rng, world):
 
 
 TASKS = {  # name: (make, verifier_type, source)
-    "colour": (task_colour, "mcq", "toy-colour"),
-    "largest": (task_largest, "mcq", "toy-arxivqa"),
-    "count": (task_count, "digit", "toy-clevr-math"),
-    "remove": (task_remove, "digit", "toy-clevr-math"),
-    "remove-shape": (task_remove_shape, "digit", "toy-clevr-math"),
-    "box": (task_box, "iou", "toy-grounding"),
-    "sum": (task_sum, "math", "toy-puma"),
-    "expr": (task_expr, "math", "toy-puma"),
-    "shapes": (task_shapes, "open", "toy-allava"),
-    "read": (task_read, "open", "toy-docvqa"),
+    "colour": (task_colour, "mcq", "toy-colour"), "largest": (task_largest, "mcq", "toy-arxivqa"),
+    "count": (task_count, "digit", "toy-clevr-math"), "remove": (task_remove, "digit", "toy-clevr-math"),
+    "remove-shape": (task_remove_shape, "digit", "toy-clevr-math"), "box": (task_box, "iou", "toy-grounding"),
+    "sum": (task_sum, "math", "toy-puma"), "expr": (task_expr, "math", "toy-puma"),
+    "shapes": (task_shapes, "open", "toy-allava"), "read": (task_read, "open", "toy-docvqa"),
 }
 # favours what learns on a CPU (colour, box, counts) and keeps one of each other verifier type
 DEFAULT_MIX = "colour:2,box:2,count:2,remove:2,largest,sum,shapes"
@@ -401,21 +391,28 @@ def make_example(rng, task, world):
     made = make(rng, world)
     scene = {"objects": made.pop("objects", []), "text": made.pop("text", "")}
     record = {"question": made["question"], "answer": made["answer"], "verifier_type": verifier_type}
-    if "choices" in made:
-        record["choices"] = made["choices"]
-    record |= {"source": source, "task": task}
+    record |= {k: made[k] for k in ("choices",) if k in made} | {"source": source, "task": task}
     return record, scene, draw_image(rng, world.size, **scene)
 
 
-def make_data(out, n, test_n=200, seed=0, kinds=DEFAULT_MIX, world=None):
-    """Write OUT/train.jsonl, OUT/test.jsonl and OUT/images/. The same arguments give the same bytes."""
+def direct_response(record, scene, world):
+    """An instruct model's own answer: the facts, then the answer; no slip, no loop. The words of the reasoner's
+    plain traces, so the teacher's SFT data differs from it only in what the teacher adds (slips, hesitation)."""
+    seen, conclusion, answer = solve(record["question"], world.size, scene["objects"], scene["text"], None, False)
+    return f"<think>{' '.join(filter(None, (seen, conclusion)))}</think> <answer>{answer}</answer>"
+
+
+def make_data(out, n, test_n=200, seed=0, kinds=DEFAULT_MIX, world=None, responses=False):
+    """Write OUT/train.jsonl, OUT/test.jsonl and OUT/images/. The same arguments give the same bytes.
+    responses: each record also gets `response`, its direct answer (the data of the demo's instruct base)."""
     world, mix = world or World(), parse_mix(kinds)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     for split, count in (("train", n), ("test", test_n)):
         with open(os.path.join(out, f"{split}.jsonl"), "w") as f:
             for i in range(count):
                 rng = random.Random(f"{seed}:{split}:{i}")  # one stream per record: stable under any --n
-                record, _, image = make_example(rng, rng.choices(list(mix), list(mix.values()))[0], world)
+                record, scene, image = make_example(rng, rng.choices(list(mix), list(mix.values()))[0], world)
+                record |= {"response": direct_response(record, scene, world)} if responses else {}
                 path = f"images/{split}-{i:06d}.png"
                 image.save(os.path.join(out, path), compress_level=1)  # fast; flat images compress well anyway
                 f.write(json.dumps({"id": f"{split}-{i:06d}", "image": path} | record) + "\n")
@@ -426,7 +423,6 @@ def make_data(out, n, test_n=200, seed=0, kinds=DEFAULT_MIX, world=None):
 # The toy teacher: captioner (pixels -> caption), reasoner (caption + question -> R1-style trace),
 # rewriter and judge (03). Each role sees only what its model in the paper saw.
 
-
 MAX_FLAT_COLOURS = 64  # a toy scene has a few flat colours; a photograph has thousands
 
 
@@ -434,9 +430,8 @@ def read_image(image):
     """The scene as the pixels show it: objects (colour, shape, box, rgb) in reading order, and the text."""
     a = np.asarray(image.convert("RGB"), dtype=np.int32)
     key = a[..., 0] << 16 | a[..., 1] << 8 | a[..., 2]
-    objects, colours = [], np.unique(key)
-    if len(colours) > MAX_FLAT_COLOURS:  # a photograph, not a toy scene: no flat objects to read
-        colours = colours[:0]
+    colours = np.unique(key)
+    objects, colours = [], colours if len(colours) <= MAX_FLAT_COLOURS else colours[:0]  # more: a photograph
     for k in colours:
         rgb = (int(k) >> 16 & 255, int(k) >> 8 & 255, int(k) & 255)
         if rgb in (BACKGROUND, INK):
@@ -588,10 +583,8 @@ def reason(caption, question, rng, error_rate, hesitation_rate, caption_mention_
 
 def rewrite(text):
     """03's minimal edit: references to the caption/description/rationale become references to the image."""
-    def to_image(m):
-        return m[1] + " image" + (" shows" if m[3] else "")
-    return re.sub(r"\b(the) (caption|description|rationale)( says| mentions| states| shows)?", to_image, text,
-                  flags=re.IGNORECASE)
+    return re.sub(r"\b(the) (caption|description|rationale)( says| mentions| states| shows)?",
+                  lambda m: m[1] + " image" + (" shows" if m[3] else ""), text, flags=re.IGNORECASE)
 
 
 def normalise(answer):
@@ -607,12 +600,8 @@ def judge(prompt):
     return "Yes" if normalise(gold[-1]) == normalise(pred[-1]) else "No"
 
 
-TEACHER_ROLES = {  # role: its options and their defaults
-    "captioner": {},
-    "reasoner": {"error_rate": 0.1, "hesitation_rate": 0.3, "caption_mention_rate": 0.3},
-    "rewriter": {},
-    "judge": {},
-}
+TEACHER_ROLES = {"captioner": {}, "reasoner": {"error_rate": 0.1, "hesitation_rate": 0.3, "caption_mention_rate": 0.3},
+                 "rewriter": {}, "judge": {}}  # role: its options and their defaults
 
 
 def parse_teacher_spec(spec):
@@ -662,8 +651,7 @@ def make_teacher(role, options=None, **more):
                 raise ValueError("the toy captioner needs request['image'] (it reads only the pixels)")
             return caption_image(Image.open(image) if isinstance(image, str) else image)
         if role == "reasoner":
-            caption_and_question = after_last(prompt, "Caption:\n")
-            caption, _, question = caption_and_question.rpartition("Question:\n")
+            caption, _, question = after_last(prompt, "Caption:\n").rpartition("Question:\n")
             return reason(caption, question.strip(), rng, **settings)
         if role == "rewriter":
             return rewrite(after_last(prompt, "Text:\n"))
@@ -696,13 +684,14 @@ def main(argv=None):
     d.add_argument("--max-objects", type=int, default=4, help="count tasks draw 1..N objects (default 4)")
     d.add_argument("--grid", type=int, default=4, help="the box task's grid per side (default 4: quarters)")
     d.add_argument("--shuffle-options", action="store_true", help="mcq options in random order (default fixed)")
+    d.add_argument("--responses", action="store_true", help="add each record's direct answer as `response`")
     args = p.parse_args(argv)
     if args.cmd == "build-model":
         build_model(args.out, args.size, args.seed)
         print(f"wrote a random Qwen2.5-VL ({args.size}) to {args.out}")
     else:
         world = World(args.size, args.max_objects, args.grid, args.shuffle_options)
-        make_data(args.out, args.n, args.test_n, args.seed, args.kinds, world)
+        make_data(args.out, args.n, args.test_n, args.seed, args.kinds, world, args.responses)
         print(f"wrote {args.n} train and {args.test_n} test records to {args.out}")
 
 

@@ -1,8 +1,11 @@
-"""demo.py at a reduced size: every stage runs, and the outputs hold finite numbers."""
+"""demo.py at a reduced size: every stage runs from the shipped base, two seeds give a mean and a spread."""
 
+import importlib.util
 import json
 import math
 import os
+
+import pytest
 
 import demo
 
@@ -18,16 +21,52 @@ def numbers(obj):
         yield obj
 
 
-def test_quick_demo_writes_the_table_and_the_curves(tmp_path):
+def test_quick_demo_with_two_seeds_writes_the_table_the_comparisons_and_the_curves(tmp_path):
     out = tmp_path / "demo"
-    demo.main(["--out", str(out), "--quick"])
+    demo.main(["--out", str(out), "--quick", "--seeds", "2"])
     results = json.loads((out / "results.json").read_text())
-    assert list(results) == ["warm-up only", "SFT", "GRPO", "SFT -> GRPO", "SFT on hesitant -> GRPO"]
-    assert all("grpo" in results[a] for a in ("GRPO", "SFT -> GRPO", "SFT on hesitant -> GRPO"))
-    values = list(numbers(results))
+    assert results["seeds"] == 2 and list(results["arms"]) == demo.ARMS
+    assert all(len(runs) == 2 for runs in results["arms"].values())
+    assert all("grpo" in run for arm in ("GRPO", "SFT -> GRPO", "SFT on hesitant -> GRPO")
+               for run in results["arms"][arm])
+    values = [v for v in numbers(results["arms"]) if not math.isnan(v)]  # nan: a type the 16 questions lack
     assert values and all(math.isfinite(v) for v in values)
-    table = (out / "results.md").read_text()
-    assert table.count("\n| ") >= 5 and "distinct/G at end" in table
-    assert os.path.getsize(out / "reward_curves.png") > 1000
+    md = (out / "results.md").read_text()
+    assert md.count("\n| ") >= 5 and "distinct/G at end" in md and " ± " in md
+    assert "- SFT -> GRPO vs GRPO: accuracy" in md and "- GRPO from the base: training reward" in md
+    if importlib.util.find_spec("matplotlib"):  # the `plot` extra
+        assert os.path.getsize(out / "reward_curves.png") > 10_000
     for f in ("sft.jsonl", "rl.jsonl", "summary.json"):  # the data recipe ran
         assert (out / "data" / "final" / f).exists()
+
+
+def test_build_base_writes_a_checkpoint(tmp_path):
+    demo.main(["--build-base", "--quick", "--out", str(tmp_path / "base")])
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(tmp_path / "base"))
+    assert not os.path.exists(tmp_path / "base.build")  # the scratch folder is gone
+
+
+def test_without_a_base_the_quick_demo_builds_a_stand_in_in_its_own_folder(tmp_path):
+    demo.main(["--out", str(tmp_path / "demo"), "--quick", "--base", str(tmp_path / "missing")])
+    assert (tmp_path / "demo" / "base" / "config.json").exists() and not (tmp_path / "missing").exists()
+    assert json.loads((tmp_path / "demo" / "results.json").read_text())["seeds"] == 1
+
+
+def test_the_shipped_base_is_the_one_the_demo_uses():
+    assert os.path.exists(os.path.join(demo.BASE, "model.safetensors"))
+    assert os.path.getsize(os.path.join(demo.BASE, "model.safetensors")) < 5_000_000  # a few MB at most
+
+
+def test_the_demo_never_empties_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="notes.txt"):
+        demo.main(["--out", str(tmp_path), "--quick"])
+    with pytest.raises(SystemExit, match="notes.txt"):
+        demo.main(["--build-base", "--quick", "--out", str(tmp_path)])
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_cell_is_the_mean_and_the_sample_spread():
+    assert demo.show([0.5, 0.7]) == "0.60 ± 0.14"
+    assert demo.show([0.25]) == "0.25"  # one seed: no spread
+    assert demo.show([0.1, 0.3], "{:.0f}", 100) == "20 ± 14"

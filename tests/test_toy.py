@@ -72,6 +72,29 @@ def test_make_data_writes_records_images_and_the_same_bytes_twice(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_direct_answers_are_right_plain_and_in_the_output_format():
+    records, traces = [], []
+    for record, scene, _ in examples(500):
+        records.append(record)
+        traces.append(toy.direct_response(record, scene, toy.World()))
+    assert all(re.fullmatch(r"<think>[^<]+</think> <answer>[^<]+</answer>", t) for t in traces)
+    assert all(t.endswith(f"<answer>{r['answer']}</answer>") for r, t in zip(records, traces))
+    assert not any(map(has_aha, traces))  # the instruct model's own voice never hesitates
+    record, scene, _ = toy.make_example(random.Random(0), "remove", toy.World())
+    assert toy.direct_response(record, scene, toy.World()) == \
+        "<think>The image shows 4 objects, 0 of them red. 4 - 0 = 4.</think> <answer>4</answer>"
+
+
+def test_make_data_with_responses_adds_only_the_response(tmp_path):
+    toy.main(["make-data", str(tmp_path / "plain"), "--n", "12", "--test-n", "2", "--seed", "5"])
+    toy.main(["make-data", str(tmp_path / "direct"), "--n", "12", "--test-n", "2", "--seed", "5", "--responses"])
+    for split in ("train", "test"):
+        plain, direct = ([json.loads(line) for line in (tmp_path / d / f"{split}.jsonl").read_text().splitlines()]
+                         for d in ("plain", "direct"))
+        assert [{k: v for k, v in r.items() if k != "response"} for r in direct] == plain
+        assert all(r["response"].endswith(f"<answer>{r['answer']}</answer>") for r in direct)
+
+
 def test_the_default_mix_has_all_five_verifier_types_and_favours_the_learnable_tasks():
     mix = toy.parse_mix(toy.DEFAULT_MIX)
     assert {toy.TASKS[t][1] for t in mix} == {"digit", "mcq", "math", "iou", "open"}

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 import rewards
-from vlaa import checkpoints, qwen, runs, training
+from vlaa import qwen, runs, training
 from vlaa.qwen import SYSTEM_PROMPT, collate, prompt_encoder, to_device
 from vlaa.records import load_records
 
@@ -153,7 +153,7 @@ def main(argv=None):
     state, run_id = runs.start_or_resume(args.out, runs.training_identity("04_sft", args), args.resume,
                                              args.overwrite, total_steps, env, model, optimizer)
     start = state.get("step", 0)
-    stop_requested = checkpoints.install_sigterm_handler()  # a preempted job saves before it stops
+    stop_requested = training.install_sigterm_handler()  # a preempted job saves before it stops
 
     bar = tqdm(range(start, total_steps), disable=not master, desc="sft", initial=start, total=total_steps)
     for step in bar:
@@ -181,7 +181,7 @@ def main(argv=None):
         training.checkpoint_if_due(args.out, step + 1, total_steps, args.save_every, stop_requested, model, optimizer,
                                    {"samples_seen": rec["samples_seen"]}, env, run_id)
 
-    checkpoints.finish_training(args.out, total_steps, model, optimizer,
+    training.finish_training(args.out, total_steps, model, optimizer,
                                 {"samples_seen": total_steps * args.global_batch}, tokenizer, image_processor, env,
                                 run_id=run_id)
 

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 import rewards
-from vlaa import checkpoints, colocate, qwen, runs, training
+from vlaa import colocate, qwen, runs, training
 from vlaa.records import has_aha, load_records, normalize_verifier
 
 # ----------------------------------------------------------------------------------------------------
@@ -427,7 +427,7 @@ def main(argv=None):
                                              args.overwrite, total_steps, env, model, optimizer,
                                              logs=("metrics.jsonl", "rollouts.jsonl"))
     start, kl_coef = state.get("step", 0), state.get("kl_coef", args.kl_coef)
-    stop_requested = checkpoints.install_sigterm_handler()  # a preempted job saves before it stops
+    stop_requested = training.install_sigterm_handler()  # a preempted job saves before it stops
     if master:
         print(f"{len(records)} prompts; {total_steps} steps of {args.rollout_batch} prompts x {args.group_size} "
               f"on {world} rank(s); {updates_per_step} update(s) per step, {total_updates} in all")
@@ -540,7 +540,7 @@ def main(argv=None):
         training.checkpoint_if_due(args.out, step + 1, total_steps, args.save_every, stop_requested, model, optimizer,
                                    {"kl_coef": kl_coef}, env, run_id)
 
-    checkpoints.finish_training(args.out, total_steps, model, optimizer, {"kl_coef": kl_coef}, tokenizer,
+    training.finish_training(args.out, total_steps, model, optimizer, {"kl_coef": kl_coef}, tokenizer,
                                 image_processor, env, run_id=run_id, close_group=llm is None)
     if llm is not None:
         colocate.close_vllm_engine(llm)  # vLLM's teardown closes the process group too

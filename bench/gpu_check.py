@@ -220,7 +220,7 @@ def run_stage(stage, argv, result):
     attributes is enough: 04 and 05 themselves are unchanged."""
     import torch
 
-    from vlaa import checkpoints, training
+    from vlaa import training
 
     mod = importlib.import_module("04_sft" if stage == "sft" else "05_grpo")
     steps, cur, shape = [], {}, []
@@ -281,7 +281,7 @@ def run_stage(stage, argv, result):
         mod.token_logprobs = counted_token_logprobs
         mod.frozen_logprobs = timed(mod.frozen_logprobs, "ref")  # the reference (and old log-probs, if any)
         mod.update_policy = timed(mod.update_policy, "update")
-    training.step_indices, training.log_metrics, checkpoints.finish_training = step_indices, log_metrics, close
+    training.step_indices, training.log_metrics, training.finish_training = step_indices, log_metrics, close
     mod.main(argv)
     if int(os.environ.get("RANK", "0")) == 0:
         with open(result, "w") as f:

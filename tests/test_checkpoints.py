@@ -202,7 +202,7 @@ model, opt = tiny_trainer(model_dir, env["world"])
 state = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(out), model, opt, env["rank"])
 train(model, opt, 2)
 diff = max(float((p.full_tensor() - straight[n]).abs().max()) for n, p in model.named_parameters())
-flags = [checkpoints.any_rank(env["rank"] == 1, env["world"]), checkpoints.any_rank(False, env["world"])]
+flags = [training.any_rank(env["rank"] == 1, env["world"]), training.any_rank(False, env["world"])]
 if env["master"]:
     json.dump({{"diff": diff, "state": state, "flags": flags}}, open(out + "/result.json", "w"))
 """
@@ -235,7 +235,7 @@ def toy_loop(out, model_dir, total, resume=False, delay=0.0):
     """A training loop wired like 04_sft.py: save every 100 steps, on SIGTERM, and at the end."""
     import time
 
-    stop = checkpoints.install_sigterm_handler()
+    stop = training.install_sigterm_handler()
     torch.manual_seed(0)
     model, opt = tiny_trainer(model_dir)
     ckpt = checkpoints.latest_checkpoint(out, run_id="r") if resume else None
@@ -244,12 +244,31 @@ def toy_loop(out, model_dir, total, resume=False, delay=0.0):
         train(model, opt, 1)
         print(f"step {step + 1}", flush=True)
         time.sleep(delay)
-        stopping = checkpoints.any_rank(stop(), world=1)
+        stopping = training.any_rank(stop(), world=1)
         if step + 1 < total and (stopping or (step + 1) % 100 == 0):
             path = checkpoints.save_checkpoint(out, step + 1, model, opt, {}, run_id="r")
             if stopping:
-                checkpoints.exit_after_sigterm(path, step + 1)
+                training.exit_after_sigterm(path, step + 1)
     checkpoints.save_checkpoint(out, total, model, opt, {}, run_id="r")
+
+
+def test_a_forked_child_of_a_trainer_still_dies_of_sigterm():
+    """The flag is the trainer's alone: a forked worker (multiprocessing, a DataLoader) inherits the handler but
+    must still end on SIGTERM, or Pool.terminate waits for it forever."""
+    import multiprocessing
+    import time
+
+    training.install_sigterm_handler()
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    try:
+        child.start()
+        child.terminate()  # SIGTERM
+        child.join(timeout=10)
+        assert child.exitcode == -signal.SIGTERM
+    finally:
+        training.restore_sigterm_handler()
+        if child.is_alive():
+            child.kill()
 
 
 def test_sigterm_saves_and_resume_continues(tmp_path, tiny_model_dir):

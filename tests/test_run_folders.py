@@ -60,6 +60,12 @@ def test_resume_refuses_another_run_nothing_to_resume_and_a_finished_run(tmp_pat
     assert steps_logged(out) == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_run_called_in_process_leaves_sigterm_as_it_found_it(tmp_path, sft_args):
+    before = signal.getsignal(signal.SIGTERM)
+    sft.main(sft_args + ["--out", str(tmp_path / "o"), "--max-steps", "1"])
+    assert signal.getsignal(signal.SIGTERM) is before  # a later SIGTERM (a CI timeout) still stops the caller
+
+
 def test_a_resumed_run_logs_no_step_twice(tmp_path, sft_args):
     out = str(tmp_path / "o")
     sft.main(sft_args + ["--out", out, "--max-steps", "3"])  # checkpoints at 2 (save-every) and 3 (the end)

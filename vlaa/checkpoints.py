@@ -1,4 +1,5 @@
-"""Resumable checkpoints, the save on SIGTERM, and the final Hugging Face export, shared by 04_sft.py and 05_grpo.py.
+"""Resumable checkpoints and the final Hugging Face export, shared by 04_sft.py and 05_grpo.py (their cadence,
+the save on SIGTERM and the end of a run are in vlaa/training.py).
 
 OUT/checkpoints/ckpt-STEP holds, per rank R, `rank-R.safetensors` (this rank's shards of the model and of the
 optimizer state, and its RNG) and `rank-R.json` (parameter names, optimizer hyperparameters, world size), plus
@@ -14,7 +15,6 @@ import math
 import os
 import re
 import shutil
-import sys
 
 import torch
 
@@ -282,45 +282,7 @@ def load_checkpoint(path, model, optimizer, rank=0):
 
 
 # ----------------------------------------------------------------------------------------------------
-# SIGTERM: finish the step, save, stop
-
-
-def install_sigterm_handler():
-    """On SIGTERM (a preempted or cancelled job; torchrun forwards it to every worker) only a flag is set;
-    returns a function that reads it. The loop checks it once per step through any_rank, saves and exits.
-    A second SIGTERM does not kill the save in progress: SIGKILL (or the scheduler's grace period) does."""
-    import signal
-
-    got = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
-    return lambda: bool(got)
-
-
-def any_rank(flag, world, device="cpu"):
-    """True on every rank when it is True on any (one all-reduce MAX), so that all ranks save together."""
-    if world == 1:
-        return bool(flag)
-    import torch.distributed as dist
-
-    t = torch.tensor(int(bool(flag)), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t)
-
-
-def exit_after_sigterm(path, step, rank=0):
-    """After the checkpoint that a SIGTERM asked for: say where it is, close the process group, and exit with
-    143 (128 + SIGTERM), the status a shell reports for a process that SIGTERM ended."""
-    import torch.distributed as dist
-
-    if rank == 0:
-        print(f"SIGTERM: stopped after step {step}; saved {path}; continue with --resume", file=sys.stderr, flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    raise SystemExit(143)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The end of a run: a last checkpoint and the Hugging Face export
+# The Hugging Face export
 
 
 def export_hf(model, tokenizer, image_processor, out, rank=0, dtype=None):
@@ -340,20 +302,3 @@ def export_hf(model, tokenizer, image_processor, out, rank=0, dtype=None):
     tokenizer.save_pretrained(out)
     image_processor.save_pretrained(out)
     return out
-
-
-def finish_training(out, step, model, optimizer, extra, tokenizer, image_processor, env, run_id=None,
-                    close_group=True):
-    """The end of 04 and 05: a last checkpoint, the Hugging Face export (bf16 from a GPU run), and the
-    process group closed (unless a vLLM engine will close it in its own teardown). Returns the model folder
-    on rank 0."""
-    import torch.distributed as dist
-
-    save_checkpoint(out, step, model, optimizer, extra, env["rank"], run_id=run_id)
-    dtype = torch.bfloat16 if env["device"].type == "cuda" else torch.float32
-    folder = export_hf(model, tokenizer, image_processor, os.path.join(out, "model"), env["rank"], dtype)
-    if env["master"]:
-        print(f"saved {folder}")
-    if close_group and dist.is_initialized():
-        dist.destroy_process_group()
-    return folder

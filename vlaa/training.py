@@ -2,13 +2,15 @@
 
 The trainers call these by name so that their own files show the algorithm: `init_distributed` (the
 same script runs under `python` and `torchrun`), `shard_model` (FSDP2, one unit per decoder layer),
-`cosine_lr` (per optimizer update), `step_indices` (which records a step sees: resumable), and the
-metric reductions over ranks.
+`cosine_lr` (per optimizer update), `step_indices` (which records a step sees: resumable), the
+metric reductions over ranks, and the checkpoint cadence, the save on SIGTERM and the end of a run.
 """
 
 import contextlib
 import json
 import os
+import signal
+import sys
 
 import torch
 
@@ -267,7 +269,58 @@ def held_out_accuracy(model, tokenizer, encode, records, score, world, rank, dev
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoint cadence (04 and 05)
+# Checkpoint cadence, the save on SIGTERM, the end of a run (04 and 05)
+
+_previous_sigterm_handlers = []  # what install_sigterm_handler replaced, put back when the run ends
+
+
+def install_sigterm_handler():
+    """On SIGTERM (a preempted or cancelled job; torchrun forwards it to every worker) only a flag is set;
+    returns a function that reads it. The loop checks it once per step through any_rank, saves and exits.
+    A second SIGTERM does not kill the save in progress: SIGKILL (or the scheduler's grace period) does.
+    A forked child (a DataLoader or multiprocessing worker) inherits the handler but not the loop: it dies of
+    SIGTERM as usual, or `Pool.terminate` would wait for it forever."""
+    got, pid = [], os.getpid()
+
+    def on_sigterm(signum, frame):
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        got.append(signum)
+
+    _previous_sigterm_handlers.append(signal.signal(signal.SIGTERM, on_sigterm))
+    return lambda: bool(got)
+
+
+def restore_sigterm_handler():
+    """The handler that was there before install_sigterm_handler: a run called in-process (tests, a notebook)
+    leaves SIGTERM as it found it."""
+    if _previous_sigterm_handlers:
+        signal.signal(signal.SIGTERM, _previous_sigterm_handlers.pop())
+
+
+def any_rank(flag, world, device="cpu"):
+    """True on every rank when it is True on any (one all-reduce MAX), so that all ranks save together."""
+    if world == 1:
+        return bool(flag)
+    import torch.distributed as dist
+
+    t = torch.tensor(int(bool(flag)), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
+
+
+def exit_after_sigterm(path, step, rank=0):
+    """After the checkpoint that a SIGTERM asked for: say where it is, close the process group, and exit with
+    143 (128 + SIGTERM), the status a shell reports for a process that SIGTERM ended."""
+    import torch.distributed as dist
+
+    restore_sigterm_handler()
+    if rank == 0:
+        print(f"SIGTERM: stopped after step {step}; saved {path}; continue with --resume", file=sys.stderr, flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    raise SystemExit(143)
 
 
 def checkpoint_if_due(out, step, total_steps, save_every, stop_requested, model, optimizer, extra, env, run_id):
@@ -277,8 +330,28 @@ def checkpoint_if_due(out, step, total_steps, save_every, stop_requested, model,
     from vlaa import checkpoints
 
     save_every = save_every or checkpoints.default_save_every(total_steps)
-    stopping = checkpoints.any_rank(stop_requested(), env["world"], env["device"])
+    stopping = any_rank(stop_requested(), env["world"], env["device"])
     if step < total_steps and (stopping or step % save_every == 0):
         path = checkpoints.save_checkpoint(out, step, model, optimizer, extra, env["rank"], run_id=run_id)
         if stopping:
-            checkpoints.exit_after_sigterm(path, step, env["rank"])
+            exit_after_sigterm(path, step, env["rank"])
+
+
+def finish_training(out, step, model, optimizer, extra, tokenizer, image_processor, env, run_id=None,
+                    close_group=True):
+    """The end of 04 and 05: a last checkpoint, the Hugging Face export (bf16 from a GPU run), SIGTERM's handler
+    put back, and the process group closed (unless a vLLM engine will close it in its own teardown). Returns the
+    model folder on rank 0."""
+    import torch.distributed as dist
+
+    from vlaa import checkpoints
+
+    checkpoints.save_checkpoint(out, step, model, optimizer, extra, env["rank"], run_id=run_id)
+    dtype = torch.bfloat16 if env["device"].type == "cuda" else torch.float32
+    folder = checkpoints.export_hf(model, tokenizer, image_processor, os.path.join(out, "model"), env["rank"], dtype)
+    if env["master"]:
+        print(f"saved {folder}")
+    restore_sigterm_handler()
+    if close_group and dist.is_initialized():
+        dist.destroy_process_group()
+    return folder

@@ -54,3 +54,12 @@ def tiny_rm_dir(tmp_path_factory):
     Qwen2ForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def serve():
+    """serve(**options) -> a fake OpenAI-compatible server on 127.0.0.1 (fake_openai.py), closed after the test."""
+    import fake_openai
+
+    with fake_openai.servers() as start:
+        yield start

@@ -13,7 +13,6 @@ import sys
 import time
 import types
 
-import fake_openai
 import pytest
 from conftest import solid_image
 from fake_openai import dead_url
@@ -23,13 +22,6 @@ from vlaa import backends, jsonl, qwen
 
 caption = importlib.import_module("01_caption")
 distill = importlib.import_module("02_distill")
-
-
-@pytest.fixture
-def serve():
-    """serve(**options) -> a fake OpenAI-compatible server on 127.0.0.1 (fake_openai.py), closed after the test."""
-    with fake_openai.servers() as start:
-        yield start
 
 
 # ----------------------------------------------------------------------------------------------------

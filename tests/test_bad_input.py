@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 
-import fake_openai
 import pytest
 from conftest import ROOT, solid_image
 from fake_openai import dead_url
@@ -27,13 +26,6 @@ from vlaa import backends, jsonl, openai_client, records
 caption = importlib.import_module("01_caption")
 distill = importlib.import_module("02_distill")
 rewrite_verify = importlib.import_module("03_rewrite_verify")
-
-
-@pytest.fixture
-def serve():
-    """serve(**options) -> a fake OpenAI-compatible server on 127.0.0.1 (fake_openai.py), closed after the test."""
-    with fake_openai.servers() as start:
-        yield start
 
 
 def rows(path):

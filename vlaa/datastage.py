@@ -14,10 +14,12 @@ backends' on_error="return") stops the stage after its batch's other records are
 """
 
 import argparse
+import functools
+import itertools
 import os
 
 from vlaa.jsonl import append_jsonl, open_output, read_jsonl
-from vlaa.records import check_record
+from vlaa.records import check_record, checked_records
 
 
 def relocate_image(rec, from_dir, to_dir):
@@ -33,23 +35,14 @@ def read_stage_input(in_path, need, limit=None, check_images=False, skip_bad=Fal
     """Every input record, checked once -> ([(where, record)], [bad messages]). Duplicate ids are errors:
     the second copy would otherwise be skipped as already done."""
     in_dir = os.path.dirname(os.path.abspath(in_path))
-    records, seen, bad = [], set(), []
-    # an unreadable line (bytes, JSON) stops here, before any model is called; with skip_bad it is counted
-    for i, rec in read_jsonl(in_path, bad if skip_bad else None):
-        if limit is not None and len(records) + len(bad) >= limit:
-            break
-        where = f"{in_path}:{i}"
-        try:
-            rec = check_record(rec, where, need, image_root=in_dir if check_images else None,
-                               check_images=check_images)
-            if rec["id"] in seen:
-                raise ValueError(f"{where}: duplicate id {rec['id']!r}")
-        except (ValueError, FileNotFoundError) as e:
-            if not skip_bad:
-                raise
-            bad.append(str(e))
-            continue
-        seen.add(rec["id"])
+    records, bad = [], []
+    # an unreadable line (bytes, JSON) stops here, before any model is called; with skip_bad it is counted.
+    # --limit counts good and bad records alike: the rows are read lazily, one per record appended or refused
+    rows = itertools.takewhile(lambda _: limit is None or len(records) + len(bad) < limit,
+                               read_jsonl(in_path, bad if skip_bad else None))
+    check = functools.partial(check_record, need=need, image_root=in_dir if check_images else None,
+                              check_images=check_images)
+    for where, rec in checked_records(in_path, rows, check, bad if skip_bad else None):
         records.append((where, rec))
     return records, bad
 

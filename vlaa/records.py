@@ -149,6 +149,26 @@ def check_record(rec, where, need=(), image_root=None, gold=True, check_images=T
     return rec
 
 
+def checked_records(path, rows, check, bad=None):
+    """(where, record) for each (line, record) of `rows` that `check(record, where)` accepts; it returns the
+    record in our schema. Duplicate ids are errors (a second copy would pass for the first). A refused record
+    raises, or with a `bad` list is counted there and left out."""
+    seen = set()
+    for i, rec in rows:
+        where = f"{path}:{i}"
+        try:
+            rec = check(rec, where)
+            if rec["id"] in seen:
+                raise ValueError(f"{where}: duplicate id {rec['id']!r}")
+        except (ValueError, FileNotFoundError) as e:
+            if bad is None:
+                raise
+            bad.append(str(e))
+            continue
+        seen.add(rec["id"])
+        yield where, rec
+
+
 # ----------------------------------------------------------------------------------------------------
 # The loader: our schema and the released VLAA-Thinking files
 
@@ -208,24 +228,17 @@ def load_records(path, fmt="auto", image_root=None, need=("question", "answer"),
     and counted (the count and the first reasons are printed).
     """
     root = image_root or os.path.dirname(os.path.abspath(path))
-    records, seen, bad = [], set(), []
-    for i, rec in _iter_json_or_jsonl(path, bad if skip_bad else None):
-        where = f"{path}:{i}"
-        try:
-            released = fmt == "vlaa" or (fmt == "auto" and ("gt" in rec or "<think>" in str(rec.get("answer", ""))))
-            if released:
-                rec = _from_released(rec, where)
-            rec.setdefault("id", f"{os.path.basename(path)}:{i}")  # the released files may have no id
-            check_record(rec, where, ("image",) + tuple(need), root)
-            if rec["id"] in seen:
-                raise ValueError(f"{where}: duplicate id {rec['id']!r}")
-        except (ValueError, FileNotFoundError) as e:
-            if not skip_bad:
-                raise
-            bad.append(str(e))
-            continue
-        seen.add(rec["id"])
-        records.append(rec)
+
+    def ours(rec, where):
+        released = fmt == "vlaa" or (fmt == "auto" and ("gt" in rec or "<think>" in str(rec.get("answer", ""))))
+        if released:
+            rec = _from_released(rec, where)
+        rec.setdefault("id", os.path.basename(where))  # the released files may have no id: FILE:LINE stands in
+        return check_record(rec, where, ("image",) + tuple(need), root)
+
+    bad = []
+    rows = _iter_json_or_jsonl(path, bad if skip_bad else None)
+    records = [rec for _, rec in checked_records(path, rows, ours, bad if skip_bad else None)]
     if bad:
         print(f"{path}: skipped {len(bad)} bad record(s) (--skip-bad); first: {bad[0]}")
     return records

@@ -276,10 +276,9 @@ _previous_sigterm_handlers = []  # what install_sigterm_handler replaced, put ba
 
 def install_sigterm_handler():
     """On SIGTERM (a preempted or cancelled job; torchrun forwards it to every worker) only a flag is set;
-    returns a function that reads it. The loop checks it once per step through any_rank, saves and exits.
-    A second SIGTERM does not kill the save in progress: SIGKILL (or the scheduler's grace period) does.
-    A forked child (a DataLoader or multiprocessing worker) inherits the handler but not the loop: it dies of
-    SIGTERM as usual, or `Pool.terminate` would wait for it forever."""
+    returns a function that reads it. The loop checks it once per step through any_rank, saves and exits. A
+    second SIGTERM does not kill the save in progress: SIGKILL does. A forked child (a DataLoader or Pool
+    worker) inherits the handler but not the loop: it dies of SIGTERM, or `Pool.terminate` would hang."""
     got, pid = [], os.getpid()
 
     def on_sigterm(signum, frame):
@@ -300,14 +299,8 @@ def restore_sigterm_handler():
 
 
 def any_rank(flag, world, device="cpu"):
-    """True on every rank when it is True on any (one all-reduce MAX), so that all ranks save together."""
-    if world == 1:
-        return bool(flag)
-    import torch.distributed as dist
-
-    t = torch.tensor(int(bool(flag)), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t)
+    """True on every rank when it is True on any (one all-reduce), so that all ranks save together."""
+    return bool(global_sum(float(bool(flag)), world, device) > 0)
 
 
 def exit_after_sigterm(path, step, rank=0):

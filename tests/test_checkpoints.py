@@ -7,6 +7,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -233,8 +234,6 @@ def test_two_ranks_resume_from_their_own_shards(tmp_path, tiny_model_dir):
 
 def toy_loop(out, model_dir, total, resume=False, delay=0.0):
     """A training loop wired like 04_sft.py: save every 100 steps, on SIGTERM, and at the end."""
-    import time
-
     stop = training.install_sigterm_handler()
     torch.manual_seed(0)
     model, opt = tiny_trainer(model_dir)
@@ -252,16 +251,24 @@ def toy_loop(out, model_dir, total, resume=False, delay=0.0):
     checkpoints.save_checkpoint(out, total, model, opt, {}, run_id="r")
 
 
+def set_and_sleep(event, seconds):
+    event.set()
+    time.sleep(seconds)
+
+
 def test_a_forked_child_of_a_trainer_still_dies_of_sigterm():
     """The flag is the trainer's alone: a forked worker (multiprocessing, a DataLoader) inherits the handler but
     must still end on SIGTERM, or Pool.terminate waits for it forever."""
     import multiprocessing
-    import time
 
+    fork = multiprocessing.get_context("fork")
+    running = fork.Event()
     training.install_sigterm_handler()
-    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    child = fork.Process(target=set_and_sleep, args=(running, 60))
     try:
         child.start()
+        # wait until it runs: CPython drops signals that reach a child before its fork bookkeeping is done
+        assert running.wait(timeout=30)
         child.terminate()  # SIGTERM
         child.join(timeout=10)
         assert child.exitcode == -signal.SIGTERM

@@ -56,7 +56,7 @@ PAPER = {  # the paper's Table 4 (the leaderboard of 2025-04-07): the six, then 
     "VLAA-Thinker-Qwen2.5VL-7B (paper)": (68.0, 26.4, 48.2, 22.4, 41.5, 48.5, 42.5),
 }
 PRESETS = {  # decoding is greedy in both: VLMEvalKit's temperature 0.01 with top_k 1 is greedy
-    "paper": {"max_new_tokens": 800, "min_pixels": None, "max_pixels": 256 * 32 * 32},
+    "paper": {"max_new_tokens": 800, "min_pixels": None, "max_pixels": qwen.MAX_PIXELS},
     "vlmevalkit": {"max_new_tokens": 2048, "min_pixels": 1280 * 28 * 28, "max_pixels": 16384 * 28 * 28},
 }
 
@@ -521,9 +521,9 @@ def rule_answer(bench, rec, prediction):
     return None
 
 
-def needs_judge(bench, rec, row):
+def needs_judge(bench, row):
     if bench.judge == "prefetch":  # VLMEvalKit's prefetch skips it for a letter it can read, or a right answer
-        multiple_choice = rec.get("question_type") == "multi_choice" or bool(rec.get("options"))
+        multiple_choice = row.get("question_type") == "multi_choice" or bool(row.get("options"))
         return row["extracted"] is None or not (multiple_choice or row["correct"])
     return bench.judge == "always" or (bench.judge == "missing" and row["extracted"] is None)
 
@@ -548,13 +548,13 @@ def score_benchmark(name, bench, recs, responses, judge=None, judge_model=None, 
     if bench.hub is None:  # toy/jsonl: `open` answers are graded by the paper's verify prompt
         asked = [r for r in rows if r["verifier_type"] == "open" and r["extracted"] is not None]
         replies = ask_judge(judge, judge_model, judge_path, [(r["qid"], judge_prompts.judge_prompt(
-            judge_prompts.JUDGE_PROMPTS[name], name, r, r["extracted"])) for r in asked])
+            judge_prompts.JUDGE_PROMPTS[name], r, r["extracted"])) for r in asked])
         for r in asked:
             r["correct"] = replies[r["qid"]].lower().startswith("yes")
         return rows
-    asked = [r for r in rows if needs_judge(bench, r, r)]
+    asked = [r for r in rows if needs_judge(bench, r)]
     replies = ask_judge(judge, judge_model, judge_path, [(r["qid"], judge_prompts.judge_prompt(
-        judge_prompts.JUDGE_PROMPTS[name], name, r, r["prediction"])) for r in asked])
+        judge_prompts.JUDGE_PROMPTS[name], r, r["prediction"])) for r in asked])
     for r in asked:
         reply = replies[r["qid"]]
         answer = bench.extract(r, reply) or (reply if reply and reply.lower() not in ("null", "none") else None)
@@ -563,7 +563,7 @@ def score_benchmark(name, bench, recs, responses, judge=None, judge_model=None, 
     if bench.grade is not None:  # MathVerse's second stage: the judge grades what exact match did not accept
         graded = [r for r in rows if not r["correct"] and r["extracted"] is not None]
         replies = ask_judge(judge, judge_model, judge_path, [(r["qid"] + "/grade", judge_prompts.judge_prompt(
-            judge_prompts.MATHVERSE_GRADE, name, r, r["extracted"])) for r in graded])
+            judge_prompts.MATHVERSE_GRADE, r, r["extracted"])) for r in graded])
         for r in graded:
             r["correct"] = replies[r["qid"] + "/grade"].strip() == "1"
     return rows

@@ -60,7 +60,7 @@ DYNAMATH_JUDGE = {"multiple choice": "Output the corresponing choice option, suc
                   "float": "Output a three-digit floating-point number in a single line."}
 
 
-def judge_prompt(template, name, rec, prediction):
+def judge_prompt(template, rec, prediction):
     """Fill a judge template with the record's question, options, gold and the model's prediction."""
     inst = DYNAMATH_JUDGE.get(rec.get("answer_type"), "Output a short answer in a single line. Any float numbers "
                               "in the answer should be formatted as three-digit floating-point numbers.")

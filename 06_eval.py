@@ -529,14 +529,15 @@ def needs_judge(bench, row):
 
 
 def score_benchmark(name, bench, recs, responses, judge=None, judge_model=None, judge_path=None):
-    """-> rows: the record's fields + response, prediction, extracted, extracted_by (rule/judge/None), correct."""
+    """-> rows: the record's fields + response, prediction, rule_extracted (what the rules read), extracted and
+    extracted_by (rule/judge/None: the answer scored, after any judge), correct."""
     rows = []
     for rec in recs:
         response = responses[rec["qid"]]
         prediction = rewards.extract_answer(response) if bench.hub is None else B.answer_block(response)
         answer = rule_answer(bench, rec, prediction) if bench.hub is not None else prediction
         row = {k: v for k, v in rec.items() if not hasattr(v, "convert")}  # PIL images stay out
-        row |= {"response": response, "prediction": prediction, "extracted": answer,
+        row |= {"response": response, "prediction": prediction, "rule_extracted": answer, "extracted": answer,
                 "extracted_by": "rule" if answer is not None else None}
         row["correct"] = bool(bench.is_correct(rec, answer))
         rows.append(row)
@@ -573,7 +574,7 @@ def trace_stats(rows):
     """The paper's signs of pseudo reasoning: long responses, aha words, no answer the rules can extract."""
     return {"mean_words": mean(len((r["response"] or "").split()) for r in rows),
             "aha": mean(records.has_aha(r["response"]) for r in rows),
-            "no_answer": mean(r["extracted_by"] != "rule" for r in rows)}
+            "no_answer": mean(r["rule_extracted"] is None for r in rows)}  # a judge's answer does not count
 
 
 # ----------------------------------------------------------------------------------------------------

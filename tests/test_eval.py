@@ -382,6 +382,9 @@ def test_six_benchmarks_from_local_copies_then_the_side_by_side_report(tmp_path,
     judged = E.main(["--model", "m", "--bench", "logicvista,mathverse", "--data-dir", str(tmp_path / "data"),
                      "--out", str(tmp_path / "mine"), "--backend", "vllm", "--judge-backend", "openai", "--limit", "5"])
     assert calls["model"] == 0 and judged["benchmarks"]["logicvista"]["score"] == 50.0  # the judge said A to both
+    for name in ("logicvista", "mathverse"):  # the trace counts what the rules read, whoever gave the answer
+        assert judged["benchmarks"][name]["trace"] == scores["benchmarks"][name]["trace"]
+    assert judged["benchmarks"]["logicvista"]["trace"]["no_answer"] == 0.5  # l2 has no letter
     assert ("openai", "gpt-4o-mini", {"base_url": None, "api_key": None}) in calls["opts"]
     capsys.readouterr()
     table = E.main(["report", str(tmp_path / "mine")])

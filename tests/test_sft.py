@@ -84,6 +84,13 @@ def test_two_ranks_give_the_same_loss_curve_as_one(tmp_path, tiny_model_dir):
     evals = [[{k: v for k, v in json.loads(line).items() if k.startswith("eval/")}
               for line in open(tmp_path / run / "metrics.jsonl")] for run in ("one", "two")]
     assert [bool(e) for e in evals[0]] == [False, True, False, True] and evals[0] == evals[1]
+    # the same run again into its folder: refused on every rank, rank 0 says why; without the ranks agreeing,
+    # rank 1 would go on to a collective and crash there ("RuntimeError: ... Connection closed by peer")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "04_sft.py"]
+    r = subprocess.run(cmd + [str(a) for a in common + ["--out", tmp_path / "two"]], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.count("already holds this run") == 1, r.stderr[-3000:]
+    assert "RuntimeError" not in r.stderr, r.stderr[-3000:]
 
 
 def test_lr_warms_up_from_zero_with_one_point_per_optimizer_step(tmp_path, tiny_model_dir):

@@ -18,6 +18,8 @@ import shutil
 
 import torch
 
+from vlaa.jsonl import write_json
+
 CKPT_DIR = re.compile(r"ckpt-(\d+)")
 IMPLEMENTATION_FLAGS = {"params", "foreach", "fused", "capturable", "differentiable"}  # not the run's settings
 
@@ -48,12 +50,6 @@ def _read_json(path):
     except (OSError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None
-
-
-def _write_json(path, obj):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -169,11 +165,11 @@ def save_checkpoint(out, step, model, optimizer, extra, rank=0, keep=2, run_id=N
     _barrier()
     tensors, meta = rank_state(model, optimizer)
     save_file(tensors, os.path.join(path, f"rank-{rank}.safetensors"), metadata={"format": "vlaa-ckpt-1"})
-    _write_json(os.path.join(path, f"rank-{rank}.json"), {"step": step, "rank": rank, "world": world,
+    write_json(os.path.join(path, f"rank-{rank}.json"), {"step": step, "rank": rank, "world": world,
                                                            "run_id": run_id, **meta})
     _barrier()
     if rank == 0:
-        _write_json(os.path.join(path, "trainer.json"), {**extra, "step": step, "world": world, "run_id": run_id})
+        write_json(os.path.join(path, "trainer.json"), {**extra, "step": step, "world": world, "run_id": run_id})
         open(os.path.join(path, "DONE"), "w").close()
         _prune(out, path, run_id, keep)
     _barrier()

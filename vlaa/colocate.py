@@ -18,8 +18,8 @@ import socket
 
 import torch
 
-from vlaa.backends import vllm_memory
-from vlaa.qwen import chat_prompt, resolve_dtype
+from vlaa.backends import vllm_memory, vllm_requests
+from vlaa.qwen import resolve_dtype
 from vlaa.records import load_image
 
 
@@ -116,16 +116,16 @@ def rollout_vllm(llm, records, group_size, args, tokenizer, system, vision_ids):
     N = prompts * G, rows p*G .. p*G+G-1 for prompt p; mask covers each completion up to and including its
     EOS; log-probs are the engine's own for the sampled tokens, after temperature, 0 on padding.
 
-    Prompts go in as token ids with one <|image_pad|> per image (the engine expands it to the image's size,
-    as the trainer's image processor does), so no BOS or template difference creeps in."""
+    Prompts are built as 06's vllm backend builds them (backends.vllm_requests): token ids with one
+    <|image_pad|> per image, which the engine expands to the image's size as the trainer's image processor does,
+    so no BOS or template difference creeps in."""
     from vllm import SamplingParams
 
     sp = SamplingParams(n=group_size, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
                         logit_bias={i: -100.0 for i in vision_ids},  # never sample vision tokens
                         logprobs=0)  # 0: the sampled token's log-prob only
-    reqs = [{"prompt_token_ids": tokenizer.encode(chat_prompt(tokenizer, r["question"], 1, system),
-                                                  add_special_tokens=False),
-             "multi_modal_data": {"image": load_image(r["image"], r["id"])}} for r in records]
+    reqs = vllm_requests(tokenizer, [{"prompt": r["question"], "image": load_image(r["image"], r["id"]),
+                                      "system": system} for r in records])
     outs = llm.generate(reqs, sp, use_tqdm=False)
     if engine_sleeps(llm):
         llm.sleep(level=1)

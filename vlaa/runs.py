@@ -126,16 +126,10 @@ def training_identity(stage, args):
 
 def _all_ranks_agree(error, world, device):
     """Raise on every rank if any rank failed (a SystemExit on rank 0 alone would leave the others waiting)."""
-    from vlaa.training import FORCE_FSDP
+    from vlaa.training import any_rank
 
-    if world > 1 or FORCE_FSDP:
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor([1.0 if error else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if t.item() and error is None:
-            raise SystemExit(1)  # rank 0 said why
+    if any_rank(error is not None, world, device) and error is None:
+        raise SystemExit(1)  # rank 0 said why
     if error is not None:
         raise error
 
@@ -148,11 +142,9 @@ def start_or_resume(out, identity, resume, overwrite, total_steps, env, model, o
     overwrite (then the old outputs go). --resume refuses another run's folder, a folder with no checkpoint
     of this run, and a run already at --max-steps; it cuts the logs back to the checkpoint's step, so no step
     is logged twice. Checkpoints are tagged with the run id: pruning and resuming touch only this run's."""
-    import hashlib
-
     from vlaa import checkpoints
 
-    run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    run_id = _sha256(json.dumps(identity, sort_keys=True).encode())[:16]
     outputs = ("checkpoints", "model", *logs)
     error, ckpt = None, None
     try:

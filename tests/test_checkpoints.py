@@ -4,6 +4,7 @@ nothing, half-written checkpoints are never picked, other runs' checkpoints are 
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,9 +119,7 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path, saved, tiny_model_dir):
 def test_a_checkpoint_of_another_shape_is_refused_by_tensor_name(tmp_path, saved, tiny_model_dir):
     _, good, _ = saved
     folder = tmp_path / "ckpt-2"
-    folder.mkdir()
-    for f in ("DONE", "trainer.json", "rank-0.json"):
-        (folder / f).write_bytes(open(os.path.join(good, f), "rb").read())
+    shutil.copytree(good, folder)
     tensors = load_file(os.path.join(good, "rank-0.safetensors"))
     key = "model/model.language_model.embed_tokens.weight"
     tensors[key] = tensors[key][:-1].clone()
@@ -134,10 +133,7 @@ def test_a_half_written_checkpoint_is_never_picked(tmp_path, saved, tiny_model_d
     out, good, _ = saved
     root = tmp_path / "checkpoints"
     for name in ("ckpt-2", "ckpt-9"):  # ckpt-9: every file but DONE (the writer was killed)
-        (root / name).mkdir(parents=True)
-        for f in os.listdir(good):
-            if name == "ckpt-2" or f != "DONE":
-                (root / name / f).write_bytes(open(os.path.join(good, f), "rb").read())
+        shutil.copytree(good, root / name, ignore=None if name == "ckpt-2" else shutil.ignore_patterns("DONE"))
     (root / "ckpt-11.tmp").mkdir()  # not a checkpoint name
     assert checkpoints.latest_checkpoint(str(tmp_path)) == str(root / "ckpt-2")
     model, opt = tiny_trainer(tiny_model_dir)
@@ -148,9 +144,7 @@ def test_a_half_written_checkpoint_is_never_picked(tmp_path, saved, tiny_model_d
 def test_another_world_size_is_a_clear_error(tmp_path, saved, tiny_model_dir):
     _, good, _ = saved
     folder = tmp_path / "ckpt-2"
-    folder.mkdir()
-    for f in os.listdir(good):
-        (folder / f).write_bytes(open(os.path.join(good, f), "rb").read())
+    shutil.copytree(good, folder)
     (folder / "trainer.json").write_text(json.dumps({"step": 2, "world": 2}))
     model, opt = tiny_trainer(tiny_model_dir)
     with pytest.raises(ValueError, match=r"written by 2 rank\(s\); this run has 1.*resharding"):
@@ -232,6 +226,9 @@ def test_two_ranks_resume_from_their_own_shards(tmp_path, tiny_model_dir):
 # SIGTERM: the loop finishes its step, saves, exits with 143; --resume then ends where a straight run ends
 
 
+ONE_PROCESS = {"rank": 0, "world": 1, "device": torch.device("cpu")}
+
+
 def toy_loop(out, model_dir, total, resume=False, delay=0.0):
     """A training loop wired like 04_sft.py: save every 100 steps, on SIGTERM, and at the end."""
     stop = training.install_sigterm_handler()
@@ -243,12 +240,9 @@ def toy_loop(out, model_dir, total, resume=False, delay=0.0):
         train(model, opt, 1)
         print(f"step {step + 1}", flush=True)
         time.sleep(delay)
-        stopping = training.any_rank(stop(), world=1)
-        if step + 1 < total and (stopping or (step + 1) % 100 == 0):
-            path = checkpoints.save_checkpoint(out, step + 1, model, opt, {}, run_id="r")
-            if stopping:
-                training.exit_after_sigterm(path, step + 1)
+        training.checkpoint_if_due(out, step + 1, total, 100, stop, model, opt, {}, ONE_PROCESS, "r")
     checkpoints.save_checkpoint(out, total, model, opt, {}, run_id="r")
+    training.restore_sigterm_handler()  # as finish_training does: this loop also runs inside pytest
 
 
 def set_and_sleep(event, seconds):

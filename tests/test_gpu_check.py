@@ -56,7 +56,7 @@ def run_check(tmp_path, *flags):
         return r.stdout, json.load(f)
 
 
-def test_toy_check_end_to_end(tmp_path, tiny_model_dir):
+def test_toy_check_end_to_end(tmp_path, tiny):
     stdout, data = run_check(tmp_path, "--no-trl")
     for title in ("04 SFT", "05 GRPO", "summary", "TRL: --no-trl"):
         assert title in stdout
@@ -72,9 +72,7 @@ def test_toy_check_end_to_end(tmp_path, tiny_model_dir):
 
     # 04's count, exactly: 4 rows of 160 tokens, forward + backward; the vision tower's forward on 4 images
     # of 112 px (8 x 8 = 64 patches each)
-    from vlaa import qwen
-
-    shape = G.flop_shape(qwen.load_model(tiny_model_dir, "float32", "cpu")[0])
+    shape = G.flop_shape(tiny[0])
     assert shape[0] == data["model"]["text_params"]
     expected = G.row_flops(torch.tensor([160] * 4), 6, shape) + G.vision_flops(4 * 64, shape)
     assert [s["flops"] for s in data["sft"]] == [pytest.approx(expected, rel=1e-12)] * 3

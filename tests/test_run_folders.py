@@ -80,7 +80,7 @@ def test_sigterm_saves_and_resume_finishes_the_run(tmp_path, sft_args):
     from vlaa import checkpoints
 
     out = tmp_path / "o"
-    args = [a if a != "2" else "1000" for a in sft_args] + ["--out", str(out), "--max-steps", "40"]
+    args = sft_args + ["--save-every", "1000", "--out", str(out), "--max-steps", "40"]  # the last --save-every wins
     child = subprocess.Popen([sys.executable, "04_sft.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     while not (out / "metrics.jsonl").exists() and child.poll() is None:

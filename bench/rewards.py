@@ -146,11 +146,10 @@ def main():
     print(f"\none GRPO step: {args.prompts} prompts x 4 = {args.prompts * 4} completions, RL-split mix, fresh answers")
     for workers in ([args.workers] if args.workers else [1, os.cpu_count()]):
         completions, samples = make_batch(args.prompts, 100 + (workers or 0))
-        c = completions
         mathverify._CACHE.clear()  # fresh answers: no verdict cached by an earlier call
-        (r, stats), t = timed(lambda c=c, s=samples, w=workers: rewards.score_batch(c, s, rm=rm, workers=w))
+        (r, stats), t = timed(lambda c=completions, s=samples, w=workers: rewards.score_batch(c, s, rm=rm, workers=w))
         counts = ", ".join(f"{k[6:]} {v}" for k, v in stats.items() if k.startswith("count/"))
-        print(f"workers={workers}: {t:.2f} s  ({counts}; no answer {stats['no_answer'] / len(c):.0%})"
+        print(f"workers={workers}: {t:.2f} s  ({counts}; no answer {stats['no_answer'] / len(completions):.0%})"
               f"  -> {t / TARGET_S:.2f}x the {TARGET_S:.0f} s target ({'OK' if t < TARGET_S else 'SLOW'})")
 
 

@@ -71,7 +71,7 @@ def read_jsonl(path, bad=None):
 
 
 def _scan_output(path, repair):
-    """Read an output file -> (records, damaged line numbers, byte offset of a torn last line or None)."""
+    """Read an output file -> (records, damaged line numbers); with repair, a torn last line is cut off."""
     records, damaged, offset, torn = [], [], 0, None
     with open(path, "rb") as f:
         for i, raw in _lines(f):
@@ -87,7 +87,7 @@ def _scan_output(path, repair):
     if torn is not None and repair:
         with open(path, "r+b") as f:
             f.truncate(torn)
-    return records, damaged, torn
+    return records, damaged
 
 
 def open_output(path):
@@ -100,7 +100,7 @@ def open_output(path):
     """
     done, damaged = set(), []
     if os.path.exists(path):
-        records, damaged, _ = _scan_output(path, repair=True)
+        records, damaged = _scan_output(path, repair=True)
         done = {r["id"] for r in records}
         if damaged:
             print(f"{path}: {len(damaged)} damaged line(s) kept (first: line {damaged[0]}); "
@@ -113,8 +113,7 @@ def open_output(path):
 def read_output(path):
     """The records of an output file as open_output counts them -> (records, damaged line numbers).
     A torn last line is left out (and left in place: the next open_output cuts it)."""
-    records, damaged, _ = _scan_output(path, repair=False)
-    return records, damaged
+    return _scan_output(path, repair=False)
 
 
 def append_jsonl(f, rec):

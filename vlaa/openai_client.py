@@ -48,12 +48,12 @@ class RequestFailed(RuntimeError):
 
 
 class _Retry(Exception):
-    """An attempt failed in a way the next may not. server_fault: the server is to blame (it cools down);
-    wait: the server's Retry-After, in seconds."""
+    """An attempt failed in a way the next may not, and the server is to blame (it cools down). wait: the
+    server's Retry-After, in seconds."""
 
-    def __init__(self, message, server_fault=True, wait=None):
+    def __init__(self, message, wait=None):
         super().__init__(message)
-        self.server_fault, self.wait = server_fault, wait
+        self.wait = wait
 
 
 class _Refused(Exception):
@@ -314,8 +314,7 @@ def openai_backend(model, base_url=None, api_key=None, concurrency=16, timeout=1
                         else:  # content null or "": another attempt, on the next server; not the server's fault
                             failed(i, f"{url}: empty completion")
                     elif kind == "_Retry":
-                        if value.server_fault:
-                            servers.failed(s, sent_at, now, value.wait)
+                        servers.failed(s, sent_at, now, value.wait)
                         failed(i, f"{url}: {value}")
                     elif kind == "_Refused" and value.status in FATAL_STATUS:
                         raise RuntimeError(f"openai backend: {url} refused with {value} (check the API key, "

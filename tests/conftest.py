@@ -29,6 +29,13 @@ def tiny(tiny_model_dir):
     return model.eval(), tok, ip
 
 
+def rows(path):
+    """The records of a JSONL file."""
+    from vlaa import jsonl
+
+    return [r for _, r in jsonl.read_jsonl(path)]
+
+
 def solid_image(size, colour=(220, 40, 40)):
     from PIL import Image
 

@@ -102,6 +102,13 @@ def dead_url():
     return server.url
 
 
+def openai(url, **kw):
+    """The project's openai backend pointed at URL, retrying fast (the servers here answer at once)."""
+    from vlaa import backends
+
+    return backends.make_backend("openai", "teacher", base_url=url, **{"backoff": 0.01, "timeout": 5, **kw})
+
+
 @contextlib.contextmanager
 def servers():
     """with servers() as serve: serve(**ChatServer options) -> a running server; all closed on leaving."""

@@ -15,7 +15,7 @@ import types
 
 import pytest
 from conftest import solid_image
-from fake_openai import dead_url
+from fake_openai import dead_url, openai
 
 import toy
 from vlaa import backends, jsonl, qwen
@@ -26,10 +26,6 @@ distill = importlib.import_module("02_distill")
 
 # ----------------------------------------------------------------------------------------------------
 # openai backend, against the servers of fake_openai.py
-
-
-def openai(url, **kw):
-    return backends.make_backend("openai", "teacher", base_url=url, **{"backoff": 0.01, "timeout": 5, **kw})
 
 
 def test_openai_sends_the_image_as_a_data_url_with_the_system_prompt_and_sampling(serve, monkeypatch):

@@ -16,8 +16,8 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, solid_image
-from fake_openai import dead_url
+from conftest import ROOT, rows, solid_image
+from fake_openai import dead_url, openai
 from PIL import Image
 
 import toy
@@ -26,14 +26,6 @@ from vlaa import backends, jsonl, openai_client, records
 caption = importlib.import_module("01_caption")
 distill = importlib.import_module("02_distill")
 rewrite_verify = importlib.import_module("03_rewrite_verify")
-
-
-def rows(path):
-    return [r for _, r in jsonl.read_jsonl(path)]
-
-
-def openai(url, **kw):
-    return backends.make_backend("openai", "teacher", base_url=url, **{"backoff": 0.01, "timeout": 5, **kw})
 
 
 def ask(*prompts):

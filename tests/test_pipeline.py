@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+from conftest import rows
 
 import rewards
 import toy
@@ -20,10 +21,6 @@ rewrite_verify = importlib.import_module("03_rewrite_verify")
 # tasks whose prompts rarely repeat: the toy teacher is deterministic per prompt, so a task with
 # four distinct images (colour) would be all right or all wrong, all hesitant or none
 KINDS = "count,remove,largest,shapes,sum,box"
-
-
-def rows(path):
-    return [r for _, r in jsonl.read_jsonl(path)]
 
 
 def read(path):

@@ -305,13 +305,14 @@ def main(argv=None):
     notes = (f"Toy test set: {cfg['test_n']} questions (`open` ones dropped: no reward model); greedy; iou right at "
              f"IoU >= 0.5. {args.seeds} seed(s){': mean ± sample sd' if args.seeds > 1 else ''}. GRPO reward: the "
              f"mean of the first and last {cfg['window']} steps. Wall time {minutes:.1f} min.")
+    report = f"{md}\n\n{notes}\n\n{comparisons(results)}"
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(f"{md}\n\n{notes}\n\n{comparisons(results)}\n")
+        f.write(report + "\n")
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"seeds": args.seeds, "config": cfg, "arms": results}, f, indent=1)
     png = plot_rewards(results, os.path.join(out, "reward_curves.png"))
     stage(f"results ({minutes:.1f} min): accuracy on the toy test set")
-    print(f"{md}\n\n{notes}\n\n{comparisons(results)}")
+    print(report)
     print(f"\nwrote {out}/results.md, {out}/results.json" + (f", {png}" if png else ""))
 
 

@@ -291,29 +291,14 @@ def run_stage(stage, argv, result):
 def run_trl(model_dir, data, w, steps, work, result):
     """TRL's GRPOTrainer on 05's workload (bench/grpo_step.py's setup at this size): one dict per step."""
     import torch
-    from datasets import Dataset
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor, TrainerCallback
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    import rewards
-    from vlaa import qwen, records
+    from bench.grpo_step import trl_processor, trl_workload
 
     rows = w["prompts"] * w["G"]
-    recs = records.load_records(data, need=("question", "answer", "verifier_type"))
-    recs = [r for r in recs if r["verifier_type"] != "open"]  # 05 drops them too: they need a reward model
-    # 05's messages (system prompt, then image + question); TRL puts the image in itself
-    ds = Dataset.from_list([{"prompt": [{"role": "system", "content": qwen.SYSTEM_PROMPT},
-                                        {"role": "user", "content": r["question"]}],
-                             "image": records.load_image(r["image"]), "sample": json.dumps(r)} for r in recs])
-
-    def reward(completions, sample, **_):  # 05's scorer on the same records: the same score work
-        return rewards.score_batch([c[0]["content"] for c in completions], [json.loads(s) for s in sample])[0]
-
-    tok, ip = AutoTokenizer.from_pretrained(model_dir), AutoImageProcessor.from_pretrained(model_dir)
-    vp = Qwen2VLVideoProcessor(size=dict(ip.size), patch_size=14, merge_size=2, temporal_patch_size=2)
-    processor = Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp,
-                                    chat_template=tok.chat_template)
+    ds, reward = trl_workload(data)
+    processor = trl_processor(model_dir)
     cuda, out, cur = torch.cuda.is_available(), [], {}
 
     class Clock(TrainerCallback):

@@ -119,23 +119,43 @@ def run_ours(args):
     return steps[1:]  # step 1 has no start mark; it is warm-up anyway
 
 
-def run_trl(args):
+def trl_workload(path):
+    """05's workload for TRL's GRPOTrainer -> (dataset, reward function). The records with the messages 05
+    builds (system prompt, then image + question; TRL puts the image in itself), less `open` ones (05 drops them
+    too: they need a reward model), and 05's scorer as the reward: both sides do the same score work.
+    Shared with bench/gpu_check.py."""
     from datasets import Dataset
-    from transformers import AutoProcessor, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
 
     import rewards
     from vlaa import qwen, records
 
-    data = records.load_records(args.data, need=("question", "answer", "verifier_type"))
-    # the same messages 05 builds (system prompt, then image + question); TRL puts the image in itself
+    recs = [r for r in records.load_records(path, need=("question", "answer", "verifier_type"))
+            if r["verifier_type"] != "open"]
     ds = Dataset.from_list([{"prompt": [{"role": "system", "content": qwen.SYSTEM_PROMPT},
                                         {"role": "user", "content": r["question"]}],
-                             "image": records.load_image(r["image"]), "sample": json.dumps(r)} for r in data])
+                             "image": records.load_image(r["image"]), "sample": json.dumps(r)} for r in recs])
 
-    def reward(completions, sample, **_):  # 05's scorer on the same records: the same score work
+    def reward(completions, sample, **_):
         return rewards.score_batch([c[0]["content"] for c in completions], [json.loads(s) for s in sample])[0]
 
+    return ds, reward
+
+
+def trl_processor(model_dir):
+    """The Qwen2_5_VLProcessor TRL loads for a model folder (its video processor needs torchvision)."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    tok, ip = AutoTokenizer.from_pretrained(model_dir), AutoImageProcessor.from_pretrained(model_dir)
+    vp = Qwen2VLVideoProcessor(size=dict(ip.size), patch_size=14, merge_size=2, temporal_patch_size=2)
+    return Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=tok.chat_template)
+
+
+def run_trl(args):
+    from transformers import AutoProcessor, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    ds, reward = trl_workload(args.data)
     clock, marks, gen, lens, tokens = ModelClock(), [], [], [], []
 
     class Clock(TrainerCallback):
@@ -202,14 +222,8 @@ def summary(steps):
 
 def make_trl_model_dir(model, out):
     """A copy of the tiny model with a saved Qwen2_5_VLProcessor, which TRL loads (needs torchvision)."""
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
     shutil.copytree(model, out)
-    tok, ip = AutoTokenizer.from_pretrained(out), AutoImageProcessor.from_pretrained(out)
-    vp = Qwen2VLVideoProcessor(size=dict(ip.size), patch_size=14, merge_size=2, temporal_patch_size=2)
-    Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp,
-                        chat_template=tok.chat_template).save_pretrained(out)
+    trl_processor(out).save_pretrained(out)
     return out
 
 

@@ -31,7 +31,7 @@ $(VLLM_VENV)/.installed: tests/vllm_cpu/requirements.txt tests/vllm_cpu/install.
 # every vLLM path for real on the CPU: the vllm backend of 01/02/06, 05's colocated rollouts (torchrun, 2 ranks);
 # there the vllm tests fail, never skip, when vLLM is missing or broken
 test-vllm: $(VLLM_VENV)/.installed
-	VLAA_REQUIRE_VLLM=1 PYTHONPATH=tests/vllm_cpu $(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py $(PYTEST_ARGS)
+	VLAA_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
 	$(PY) demo.py

@@ -45,6 +45,7 @@ import torch
 import rewards
 from vlaa import backends, jsonl, judge_prompts, qwen, records, runs
 from vlaa import benchmarks as B
+from vlaa.openai_client import api_key_for
 
 SIX = ("mathvista", "mathvision", "mathverse", "dynamath", "wemath", "logicvista")
 TITLES = {"mathvista": "MathVista", "mathvision": "MathVision", "mathverse": "MathVerse", "dynamath": "DynaMath",
@@ -277,6 +278,8 @@ def parse_args(argv=None):
                    "2048 tokens, min/max pixels 1280*28*28 / 16384*28*28)")
     p.add_argument("--out", default=None, help="RUN_DIR (default runs/eval/<model>[-official][-vlmevalkit-preset])")
     p.add_argument("--overwrite", action="store_true", help="RUN_DIR holds another run: delete its outputs")
+    p.add_argument("--skip-bad", action="store_true", help="leave out and count bad questions of --data-dir (bad "
+                   "field, text over 32,000 characters, image that does not decode) instead of stopping")
     p.add_argument("--data-dir", default=None, help="local copies instead of the hub (layout below); toy "
                    "without it: a toy test set is made in RUN_DIR/toy-data")
     p.add_argument("--limit", type=int, default=None, help="first N questions per benchmark (DynaMath: N seeds "
@@ -309,16 +312,6 @@ def parse_args(argv=None):
     return args
 
 
-def api_key(env_name, url):
-    """An OpenAI-compatible endpoint's key: the variable --*api-key-env names; else None (the client reads
-    $OPENAI_API_KEY) when no URL was given, so only OpenAI's own endpoint gets it; else "" (none sent)."""
-    if env_name:
-        if env_name not in os.environ:
-            raise SystemExit(f"no environment variable {env_name} (named by --api-key-env / --judge-api-key-env)")
-        return os.environ[env_name]
-    return None if url is None else ""
-
-
 # ----------------------------------------------------------------------------------------------------
 # Loading: from the hub (needs internet) or a local copy with the same field names
 
@@ -344,36 +337,24 @@ def load_hub(name, bench):
     return out
 
 
-def load_local(name, bench, data_dir):
-    """D/<name>.jsonl (or the file D); errors name the file, the line and the field. Images made absolute."""
+def load_local(name, bench, data_dir, skip_bad=False):
+    """D/<name>.jsonl (or the file D), every row checked before any model runs (fields, text sizes, the image
+    decoded: records.check_benchmark_row); errors name the file, the line and the field. Images made absolute."""
     path = data_dir if os.path.isfile(data_dir) else os.path.join(data_dir, f"{name}.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{name}: no such file {path}\n{LAYOUT}")
-    root, out = os.path.dirname(os.path.abspath(path)), []
-    for i, rec in jsonl.read_jsonl(path):  # bad JSON: an error naming file:line
-        where = f"{path}:{i}"
-        if name == "mathverse" and rec.get("problem_version", "Vision Only") != "Vision Only":
-            continue  # a copy of all five versions: keep the one the leaderboard scores
-        missing = [f for f in bench.fields if f not in rec]  # present, maybe empty: LogicVista has an empty gold
-        if missing:
-            raise ValueError(f"{where}: missing field '{missing[0]}' (record has: {', '.join(sorted(rec))})")
-        image = next((rec[f] for f in IMAGE_FIELDS if isinstance(rec.get(f), str) and rec[f]), None)
-        if image is None:
-            raise ValueError(f"{where}: missing field 'image' (a path in 'image', 'image_path' or 'decoded_image')")
-        image = image if os.path.isabs(image) else os.path.join(root, image)
-        if not os.path.exists(image):
-            raise FileNotFoundError(f"{where}: field 'image': no such file {image}")
-        out.append(rec | {"image": image})
-    return out
+    # mathverse: a copy of all five versions keeps the one the leaderboard scores
+    keep = (lambda rec: rec.get("problem_version", "Vision Only") == "Vision Only") if name == "mathverse" else None
+    return records.load_benchmark_rows(path, bench.fields, IMAGE_FIELDS, keep, skip_bad)
 
 
-def load_schema(data_dir):
+def load_schema(data_dir, skip_bad=False):
     """toy/jsonl: our record files, checked at load (a gold answer its verifier cannot read names the file, line,
     id and field)."""
     path = os.path.join(data_dir, "test.jsonl") if os.path.isdir(data_dir) else data_dir
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file {path}: --data-dir is a JSONL file, or a folder holding test.jsonl")
-    return records.load_records(path, need=SCHEMA[1])
+    return records.load_records(path, need=SCHEMA[1], skip_bad=skip_bad)
 
 
 def key(bench, rec):
@@ -385,9 +366,9 @@ def key(bench, rec):
 def load_benchmark(name, bench, args, judge):
     """The records of one benchmark, each with a unique `qid`; --limit counts groups (a seed, a problem)."""
     if bench.hub is None:
-        found = load_schema(args.data_dir or os.path.join(args.out, "toy-data"))
+        found = load_schema(args.data_dir or os.path.join(args.out, "toy-data"), args.skip_bad)
     elif args.data_dir:
-        found = load_local(name, bench, args.data_dir)
+        found = load_local(name, bench, args.data_dir, args.skip_bad)
     else:
         found = load_hub(name, bench)
     for row, rec in enumerate(found, 1):
@@ -451,7 +432,7 @@ def backend_options(args):
         return {"batch_size": args.batch_size, "device": args.device, **pixels}
     if args.backend == "vllm":
         return {"tensor_parallel_size": args.tensor_parallel_size, **pixels}
-    return {"base_url": args.base_url, "api_key": api_key(args.api_key_env, args.base_url)}
+    return {"base_url": args.base_url, "api_key": api_key_for(args.api_key_env, args.base_url)}
 
 
 def generate(args, data, rules):
@@ -470,8 +451,7 @@ def generate(args, data, rules):
             chunk = todo[start:start + args.batch_size]
             requests = []
             for name, rec in chunk:
-                image = rec["image"] if isinstance(rec["image"], str) else rec["image"].convert("RGB")
-                requests.append({"prompt": rules[name].prompt(rec), "system": system, "image": image})
+                requests.append({"prompt": rules[name].prompt(rec), "system": system, "image": rec["image"]})
             outs = gen(requests, n=1, max_new_tokens=args.max_new_tokens, temperature=0.0)  # greedy
             for (name, rec), out in zip(chunk, outs):
                 jsonl.append_jsonl(f, {"id": rec["qid"], "bench": name, "response": out[0]})
@@ -626,7 +606,7 @@ def make_judge(args):
         return None
     options = {}
     if args.judge_backend == "openai":
-        options = {"base_url": args.judge_base_url, "api_key": api_key(args.judge_api_key_env, args.judge_base_url)}
+        options = {"base_url": args.judge_base_url, "api_key": api_key_for(args.judge_api_key_env, args.judge_base_url)}
     return backends.make_backend(args.judge_backend, args.judge_model, **options)
 
 

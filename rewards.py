@@ -281,8 +281,8 @@ def _chat(question, answer):
 def _pil(image):
     """The judge backends take PIL images; records hold paths."""
     if isinstance(image, str):
-        from PIL import Image
-        return Image.open(image).convert("RGB") if os.path.exists(image) else None
+        from vlaa.images import load_image
+        return load_image(image) if os.path.exists(image) else None
     return image
 
 

@@ -127,13 +127,13 @@ def trl_workload(path):
     from datasets import Dataset
 
     import rewards
-    from vlaa import qwen, records
+    from vlaa import images, qwen, records
 
     recs = [r for r in records.load_records(path, need=("question", "answer", "verifier_type"))
             if r["verifier_type"] != "open"]
     ds = Dataset.from_list([{"prompt": [{"role": "system", "content": qwen.SYSTEM_PROMPT},
                                         {"role": "user", "content": r["question"]}],
-                             "image": records.load_image(r["image"]), "sample": json.dumps(r)} for r in recs])
+                             "image": images.load_image(r["image"]), "sample": json.dumps(r)} for r in recs])
 
     def reward(completions, sample, **_):
         return rewards.score_batch([c[0]["content"] for c in completions], [json.loads(s) for s in sample])[0]

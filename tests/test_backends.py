@@ -19,19 +19,21 @@ from fake_openai import dead_url, openai
 
 import toy
 from vlaa import backends, jsonl, qwen
+from vlaa.openai_client import api_key_for
 
 caption = importlib.import_module("01_caption")
 distill = importlib.import_module("02_distill")
+rewrite_verify = importlib.import_module("03_rewrite_verify")
+evaluate = importlib.import_module("06_eval")
 
 
 # ----------------------------------------------------------------------------------------------------
 # openai backend, against the servers of fake_openai.py
 
 
-def test_openai_sends_the_image_as_a_data_url_with_the_system_prompt_and_sampling(serve, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+def test_openai_sends_the_image_as_a_data_url_with_the_system_prompt_and_sampling(serve):
     server = serve(reply=lambda p: "a red square")
-    gen = openai(server.url)
+    gen = openai(server.url, api_key="sk-test")
     out = gen([{"prompt": "Describe.", "image": solid_image(28), "system": "Be brief."},
                {"prompt": "Just text.", "image": None, "system": None}], max_new_tokens=7, temperature=0.5, seed=3)
     assert out == [["a red square"], ["a red square"]]
@@ -129,6 +131,107 @@ def test_caption_and_distill_stages_through_the_openai_backend(serve, tmp_path):
     assert all(p.endswith(f"\n\nCaption:\nA flat image with a red square.\n\nQuestion:\n{r['question']}")
                for p, r in zip(prompts, sorted(rows, key=distill.distill_prompt)))
     assert reasoner.payloads[0]["temperature"] == 0.6 and reasoner.payloads[0]["messages"][0]["role"] == "user"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The API key: one rule in every stage (vlaa.openai_client.api_key_for)
+
+
+@pytest.fixture(scope="module")
+def stage_inputs(tmp_path_factory):
+    """The inputs of 01, 02, 03 (two toy records, captioned and distilled by the toy teacher) and 06 (a digit
+    and an open question in our schema, --bench toy)."""
+    root = tmp_path_factory.mktemp("keys")
+    toy.make_data(str(root), 2, test_n=0, seed=0)
+    caption.main(["--in", str(root / "train.jsonl"), "--out", str(root / "captioned.jsonl")])
+    distill.main(["--in", str(root / "captioned.jsonl"), "--out", str(root / "distilled.jsonl"),
+                  "--model", "reasoner:error_rate=0"])
+    solid_image(28).save(root / "a.png")
+    jsonl.write_jsonl(str(root / "test.jsonl"), [
+        {"id": "q1", "image": "a.png", "question": "How many?", "answer": "1", "verifier_type": "digit"},
+        {"id": "q2", "image": "a.png", "question": "Which shape?", "answer": "a square", "verifier_type": "open"}])
+    return root
+
+
+def run_stage(stage, root, out, flags, model_url):
+    """One stage with --backend openai and `flags` -> the model name its requests carry. 06's judge gets the
+    flags; its model is then served at model_url."""
+    if stage == "01":
+        caption.main(["--in", str(root / "train.jsonl"), "--out", str(out), "--backend", "openai",
+                      "--model", "teacher", *flags])
+    elif stage == "02":
+        distill.main(["--in", str(root / "captioned.jsonl"), "--out", str(out), "--backend", "openai",
+                      "--model", "teacher", *flags])
+    elif stage == "03":
+        rewrite_verify.main(["--in", str(root / "distilled.jsonl"), "--out", str(out), "--backend", "openai",
+                             "--rewriter-model", "teacher", *flags])
+    elif stage == "06":
+        evaluate.main(["--model", "teacher", "--bench", "toy", "--data-dir", str(root / "test.jsonl"),
+                       "--out", str(out), "--backend", "openai", *flags])
+    else:  # 06's judge: the same rule under its own flags (the model's server gets no key)
+        judge_flags = [{"--base-url": "--judge-base-url", "--api-key-env": "--judge-api-key-env"}.get(f, f)
+                       for f in flags]
+        evaluate.main(["--model", "teacher", "--bench", "toy", "--data-dir", str(root / "test.jsonl"),
+                       "--out", str(out), "--backend", "openai", "--base-url", model_url,
+                       "--judge-backend", "openai", "--judge-model", "judge", *judge_flags])
+        return "judge"
+    return "teacher"
+
+
+KEY_CASES = {  # what the user set -> the Authorization header that arrives (None: no header)
+    "--base-url, no --api-key-env": (["--base-url", "URL"], {}, None),
+    "--base-url and the variable named": (["--base-url", "URL", "--api-key-env", "MY_KEY"], {}, "Bearer sk-mine"),
+    "--base-url and OPENAI_API_KEY named": (["--base-url", "URL", "--api-key-env", "OPENAI_API_KEY"], {},
+                                            "Bearer sk-openai"),
+    "$OPENAI_BASE_URL, nothing named": ([], {"OPENAI_BASE_URL": "URL"}, "Bearer sk-openai"),
+    "$OPENAI_BASE_URL and the variable named": (["--api-key-env", "MY_KEY"], {"OPENAI_BASE_URL": "URL"},
+                                                "Bearer sk-mine"),
+    "--base-url beside $OPENAI_BASE_URL": (["--base-url", "URL"], {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"},
+                                           None),
+}
+
+
+@pytest.mark.parametrize("case", list(KEY_CASES))
+@pytest.mark.parametrize("stage", ["01", "02", "03", "06", "06 judge"])
+def test_every_stage_sends_a_key_only_where_it_is_named(serve, stage_inputs, tmp_path, monkeypatch, stage, case):
+    """$OPENAI_API_KEY goes to OpenAI's endpoint ($OPENAI_BASE_URL), never to a --base-url the user typed: that
+    server gets the variable the user names, or nothing. 01-03 used to send $OPENAI_API_KEY anywhere."""
+    flags, env, expected = KEY_CASES[case]
+    server, model_server = serve(reply=lambda p: "<answer>1</answer>"), serve(reply=lambda p: "<answer>1</answer>")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+    monkeypatch.setenv("MY_KEY", "sk-mine")
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, server.url if value == "URL" else value)
+    model = run_stage(stage, stage_inputs, tmp_path / "out", [server.url if f == "URL" else f for f in flags],
+                      model_server.url)
+    sent = [h.get("authorization") for p, h in zip(server.payloads, server.headers) if p["model"] == model]
+    assert sent and set(sent) == {expected}
+    assert all("authorization" not in h for h in model_server.headers)  # 06 judge: the model's --base-url
+
+
+@pytest.mark.parametrize("stage", ["01", "02", "03", "06", "06 judge"])
+def test_a_key_variable_that_is_not_set_is_refused_before_any_request(serve, stage_inputs, tmp_path, monkeypatch,
+                                                                      stage):
+    server = serve()
+    monkeypatch.delenv("NOPE", raising=False)
+    with pytest.raises(SystemExit, match="no environment variable NOPE"):
+        run_stage(stage, stage_inputs, tmp_path / "out", ["--base-url", server.url, "--api-key-env", "NOPE"],
+                  server.url)
+    assert server.payloads == []
+
+
+def test_the_key_rule_by_example(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+    monkeypatch.setenv("MY_SERVER_KEY", "sk-server")
+    assert api_key_for(None, None) == "sk-openai"  # OpenAI's own endpoint ($OPENAI_BASE_URL, else api.openai.com)
+    assert api_key_for(None, "http://somewhere:8000/v1") == ""  # a --base-url gets no key unless named
+    assert api_key_for("MY_SERVER_KEY", "http://somewhere:8000/v1") == "sk-server"
+    assert api_key_for("MY_SERVER_KEY", None) == "sk-server"
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert api_key_for(None, None) == ""
+    with pytest.raises(SystemExit, match="no environment variable NOPE"):
+        api_key_for("NOPE", None)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from fake_openai import dead_url, openai
 from PIL import Image
 
 import toy
-from vlaa import backends, jsonl, openai_client, records
+from vlaa import backends, images, jsonl, openai_client, records
 
 caption = importlib.import_module("01_caption")
 distill = importlib.import_module("02_distill")
@@ -394,7 +394,7 @@ def test_01_hands_the_backend_paths_and_the_openai_backend_decodes_a_few_at_a_ti
     def load_image(path, where=""):
         decoded.append(path)
         most[0] = max(most[0], len(decoded) - server.answered)  # decoded, not yet answered
-        return records.load_image(path, where)
+        return images.load_image(path, where)
     monkeypatch.setattr(openai_client, "load_image", load_image)
     stats = caption.main(["--in", data["train"], "--out", str(tmp_path / "api.jsonl"), "--backend", "openai",
                           "--base-url", server.url, "--concurrency", "2", "--batch-size", "12"])

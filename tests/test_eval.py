@@ -311,16 +311,6 @@ def test_another_model_or_setting_never_reuses_a_run_and_default_folders_differ_
         os.path.join("runs", "eval", "Qwen--Qwen2.5-VL-3B-Instruct-official")
 
 
-def test_keys_go_only_where_they_are_named(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
-    monkeypatch.setenv("MY_SERVER_KEY", "sk-server")
-    assert E.api_key(None, None) is None  # OpenAI's own endpoint: the client reads $OPENAI_API_KEY
-    assert E.api_key(None, "http://somewhere:8000/v1") == ""  # a --base-url gets no key unless named
-    assert E.api_key("MY_SERVER_KEY", "http://somewhere:8000/v1") == "sk-server"
-    with pytest.raises(SystemExit, match="no environment variable NOPE"):
-        E.api_key("NOPE", None)
-
-
 def write_six(root):
     """Local copies of the six benchmarks in the --data-dir layout, two or three questions each, with the
     scripted model's response per tag. Each benchmark's expected score is in the comment."""
@@ -362,6 +352,7 @@ def write_six(root):
 
 
 def test_six_benchmarks_from_local_copies_then_the_side_by_side_report(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
     responses = write_six(tmp_path / "data")
     make_backend, calls = scripted(responses)
     monkeypatch.setattr(backends, "make_backend", make_backend)
@@ -385,7 +376,7 @@ def test_six_benchmarks_from_local_copies_then_the_side_by_side_report(tmp_path,
     for name in ("logicvista", "mathverse"):  # the trace counts what the rules read, whoever gave the answer
         assert judged["benchmarks"][name]["trace"] == scores["benchmarks"][name]["trace"]
     assert judged["benchmarks"]["logicvista"]["trace"]["no_answer"] == 0.5  # l2 has no letter
-    assert ("openai", "gpt-4o-mini", {"base_url": None, "api_key": None}) in calls["opts"]
+    assert ("openai", "gpt-4o-mini", {"base_url": None, "api_key": "sk-openai"}) in calls["opts"]  # OpenAI's own
     capsys.readouterr()
     table = E.main(["report", str(tmp_path / "mine")])
     rows = table.splitlines()
@@ -422,7 +413,7 @@ def test_missing_or_malformed_benchmark_files(tmp_path):
               ValueError, r"mathvista\.jsonl:2: missing field 'answer_type'"),
              (json.dumps(good) + "\n" + '{"pid": "2", "question": \n', ValueError, r"mathvista\.jsonl:2: bad JSON"),
              (json.dumps(good | {"image": "nope.png"}) + "\n", FileNotFoundError,
-              r"mathvista\.jsonl:1: field 'image': no such file .*nope\.png"),
+              r"mathvista\.jsonl:1: field 'image': image not found: .*nope\.png"),
              (json.dumps(good) + "\n" + json.dumps(good) + "\n", ValueError, "mathvista: duplicate question '1'")]
     for text, error, message in cases:
         path.write_text(text)
@@ -430,3 +421,51 @@ def test_missing_or_malformed_benchmark_files(tmp_path):
             E.main(argv + ["--overwrite"])  # each case edits the data: a new run identity
     with pytest.raises(SystemExit, match="unknown benchmark"):
         E.main(argv[:3] + ["mathvista,mmmu"])
+
+
+BAD_ROWS = {  # case -> (benchmark, the bad row: its first row changed (None: field removed), what the error says)
+    "a text file as image": ("mathvista", {"pid": "9", "image": "images/note.png"},
+                             r"field 'image': not an image: .*note\.png"),
+    "a PNG cut short": ("mathvision", {"id": "9", "image": "images/cut.png"},
+                        r"field 'image': unreadable image .*cut\.png: image file is truncated"),
+    "a JPEG cut short, in image_path": ("logicvista", {"image": None, "image_path": "images/cut.jpg"},
+                                        r"field 'image_path': unreadable image .*cut\.jpg"),
+    "no image at all": ("mathverse", {"sample_index": 9, "image": "images/nope.png"},
+                        r"field 'image': image not found"),
+    "a 100,000-character question": ("logicvista", {"question": "Which? " + "x" * 99_993},
+                                     r"field 'question' is 100000 characters \(limit 32000\)"),
+    "options over the limit together": ("mathvision", {"id": "9", "options": ["1" * 20_000, "2" * 20_000]},
+                                        r"field 'options' is 40000 characters \(limit 32000\)"),
+    "a missing field": ("wemath", {"key": "2steps_9", "option": None}, r"missing field 'option'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ROWS))
+def test_a_bad_row_of_a_local_copy_is_named_before_any_model_runs_or_skipped(tmp_path, monkeypatch, capsys, case):
+    """06 checks a --data-dir copy as 01-05 check records: fields present, text bounded, every image decoded.
+    It used to find a bad image mid-generation, and send any question."""
+    import numpy as np
+    from PIL import Image
+
+    name, change, why = BAD_ROWS[case]
+    responses = write_six(tmp_path / "data")
+    (tmp_path / "data" / "images" / "note.png").write_text("not an image\n")
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    for ext in ("png", "jpg"):
+        noise.save(tmp_path / "data" / "images" / f"cut.{ext}")
+        data = (tmp_path / "data" / "images" / f"cut.{ext}").read_bytes()
+        (tmp_path / "data" / "images" / f"cut.{ext}").write_bytes(data[:len(data) // 2])
+    path = tmp_path / "data" / f"{name}.jsonl"
+    lines = path.read_text().splitlines()
+    bad = {k: v for k, v in (json.loads(lines[0]) | change).items() if v is not None}
+    path.write_text("\n".join(lines + [json.dumps(bad)]) + "\n")
+    make_backend, calls = scripted(responses)
+    monkeypatch.setattr(backends, "make_backend", make_backend)
+    argv = ["--model", "m", "--bench", name, "--data-dir", str(tmp_path / "data"), "--backend", "vllm"]
+    error = FileNotFoundError if case == "no image at all" else ValueError
+    with pytest.raises(error, match=rf"{name}\.jsonl:{len(lines) + 1}: {why}"):
+        E.main(argv + ["--out", str(tmp_path / "run")])
+    assert calls["model"] == 0  # found at load, before any model runs
+    scores = E.main(argv + ["--out", str(tmp_path / "skip"), "--skip-bad"])
+    assert scores["benchmarks"][name]["n"] == len(lines) and calls["model"] == len(lines)
+    assert f"{name}.jsonl: skipped 1 bad record(s) (--skip-bad); first: " in capsys.readouterr().out

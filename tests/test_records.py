@@ -1,4 +1,5 @@
-"""vlaa/jsonl.py and vlaa/records.py by example: resume, records (ours and the released files), images, bad input."""
+"""vlaa/jsonl.py, vlaa/records.py and vlaa/images.py by example: resume, records (ours and the released files),
+images, bad input."""
 
 import json
 import os
@@ -6,7 +7,7 @@ import os
 import pytest
 from conftest import solid_image
 
-from vlaa import jsonl, records
+from vlaa import images, jsonl, records
 
 
 def test_jsonl_resume_drops_a_torn_last_line(tmp_path):
@@ -96,23 +97,23 @@ def test_load_records_errors_name_file_line_and_field(tmp_path):
 
 def test_load_image_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.png"):
-        records.load_image(str(tmp_path / "missing.png"))
+        images.load_image(str(tmp_path / "missing.png"))
     (tmp_path / "corrupt.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="not an image: .*corrupt.png"):
-        records.load_image(str(tmp_path / "corrupt.png"))
+        images.load_image(str(tmp_path / "corrupt.png"))
     with pytest.raises(ValueError, match="not an image: .* \\(not a regular file\\)"):
-        records.load_image(str(tmp_path))
+        images.load_image(str(tmp_path))
     solid_image(30).save(tmp_path / "cut.png")
     (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:60])  # the header survives, not the pixels
     with pytest.raises(ValueError, match="unreadable image .*cut.png"):
-        records.load_image(str(tmp_path / "cut.png"))
+        images.load_image(str(tmp_path / "cut.png"))
     from PIL import Image
 
     Image.new("1", (9000, 9000)).save(tmp_path / "huge.png")  # 81 Mpx, a few KB on disk
     with pytest.raises(ValueError, match="image too large"):
-        records.load_image(str(tmp_path / "huge.png"))
+        images.load_image(str(tmp_path / "huge.png"))
     solid_image(30).save(tmp_path / "ok.jpg")
-    im = records.load_image(str(tmp_path / "ok.jpg"))
+    im = images.load_image(str(tmp_path / "ok.jpg"))
     assert im.mode == "RGB" and im.size == (30, 30)
 
 

@@ -24,7 +24,8 @@ from conftest import ROOT
 
 import toy
 from vlaa import colocate, qwen
-from vlaa.records import load_image, load_records
+from vlaa.images import load_image
+from vlaa.records import load_records
 
 pytestmark = pytest.mark.vllm
 SHIM = os.path.join(ROOT, "tests", "vllm_cpu")

@@ -15,6 +15,7 @@ never sits in memory at once. Backends:
 
 import torch
 
+from vlaa.images import load_image
 from vlaa.qwen import (
     SYSTEM_PROMPT,
     build_messages,
@@ -25,7 +26,6 @@ from vlaa.qwen import (
     sample_completions,
     to_device,
 )
-from vlaa.records import load_image
 
 
 def make_backend(name, model, **opts):
@@ -34,9 +34,10 @@ def make_backend(name, model, **opts):
     if name == "hf":
         return hf_backend(model, **opts)
     if name == "toy":
-        import toy  # the offline world, imported only when asked for
+        import toy  # the offline world, imported only when asked for (it imports nothing of the project)
 
-        return toy.make_teacher(*toy.parse_teacher_spec(model))
+        teacher = toy.make_teacher(*toy.parse_teacher_spec(model))  # its pixels come through the one loader too
+        return lambda requests, **kw: teacher([r | {"image": request_image(r)} for r in requests], **kw)
     if name == "vllm":
         return vllm_backend(model, **opts)
     if name == "openai":
@@ -47,9 +48,9 @@ def make_backend(name, model, **opts):
 
 
 def request_image(request):
-    """The request's image as PIL (decoded now if it is a path), or None."""
+    """The request's image as RGB PIL through the one loader (decoded now if it is a path), or None."""
     image = request.get("image")
-    return load_image(image) if isinstance(image, str) else image
+    return None if image is None else load_image(image)
 
 
 # ----------------------------------------------------------------------------------------------------

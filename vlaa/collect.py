@@ -17,8 +17,9 @@ import io
 import json
 import os
 
+from vlaa.images import load_image
 from vlaa.jsonl import append_jsonl, open_output, read_jsonl
-from vlaa.records import check_record, load_image
+from vlaa.records import check_record
 
 
 class BadRow(ValueError):

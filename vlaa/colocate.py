@@ -19,8 +19,8 @@ import socket
 import torch
 
 from vlaa.backends import vllm_memory, vllm_requests
+from vlaa.images import load_image
 from vlaa.qwen import resolve_dtype
-from vlaa.records import load_image
 
 
 def vllm_weight_name(name):

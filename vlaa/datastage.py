@@ -124,12 +124,12 @@ def add_generation_args(parser, batch_size=64, max_new_tokens=1024, temperature=
     g.add_argument("--backend", choices=["toy", "hf", "vllm", "openai"], default="toy",
                    help="toy: toy.py's teacher (CPU); hf: transformers; vllm: offline engine on this node; "
                         "openai: any OpenAI-compatible server (default: %(default)s)")
-    g.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+    g.add_argument("--base-url", default=None,
                    help="openai: server URL, or a comma list of them (one per node; requests are spread "
-                        "over them) (default: $OPENAI_BASE_URL or %(default)s)")
-    g.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                   help="openai: name of the environment variable holding the API key; unset: no key is sent "
-                        "(default: %(default)s)")
+                        "over them) (default: $OPENAI_BASE_URL or https://api.openai.com/v1)")
+    g.add_argument("--api-key-env", default=None,
+                   help="openai: name of the environment variable holding the API key, sent to --base-url "
+                        "(default: $OPENAI_API_KEY, sent only when --base-url is not given; 06's rule)")
     g.add_argument("--concurrency", type=POSITIVE_INT, default=16,
                    help="openai: requests in flight (default: %(default)s)")
     g.add_argument("--timeout", type=POSITIVE_FLOAT, default=600.0,
@@ -165,6 +165,7 @@ def add_generation_args(parser, batch_size=64, max_new_tokens=1024, temperature=
 def backend_from_args(args, model):
     """make_backend with the options of `args.backend` taken from add_generation_args' flags."""
     from vlaa.backends import make_backend
+    from vlaa.openai_client import api_key_for
 
     opts = {
         "hf": {"batch_size": args.batch_size, "max_pixels": args.max_pixels},
@@ -172,7 +173,7 @@ def backend_from_args(args, model):
         "vllm": {"tensor_parallel_size": args.tensor_parallel_size, "max_model_len": args.max_model_len,
                  "gpu_memory_utilization": args.gpu_memory_utilization,
                  "max_pixels": args.max_pixels, "seed": args.seed},
-        "openai": {"base_url": args.base_url, "api_key": os.environ.get(args.api_key_env, ""),
+        "openai": {"base_url": args.base_url, "api_key": api_key_for(args.api_key_env, args.base_url),
                    "concurrency": args.concurrency, "timeout": args.timeout, "retries": args.retries},
     }[args.backend]
     return make_backend(args.backend, model, **opts)

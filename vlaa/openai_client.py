@@ -19,7 +19,9 @@ per-read one, so what a long run over several servers needs is added here:
   (key, URL, model name): gen always raises those.
 - gen returns as soon as it has its answer or an error: queued requests never start, requests in flight are
   abandoned (their threads are daemons that stop at their next chunk) and never delay the process's exit.
-- The API key only goes into the Authorization header; it is cut out of every message.
+- The API key only goes into the Authorization header; it is cut out of every message. Which key goes where
+  is one rule for every stage (api_key_for): the variable the user named, else $OPENAI_API_KEY to the default
+  endpoint only, never to a --base-url the user gave.
 
 Images (paths or PIL) are decoded when their attempt is sent, so no more than `concurrency` are in memory,
 and only files that decode as images are sent (re-encoded as PNG data URLs).
@@ -37,7 +39,7 @@ import re
 import threading
 import time
 
-from vlaa.records import load_image
+from vlaa.images import load_image
 
 FATAL_STATUS = (401, 403, 404)  # wrong key, URL or model name: every request would fail the same way
 MAX_REPLY_BYTES = 64 * 1024 * 1024  # a completion is at most a few MB; a longer reply is a broken server
@@ -65,6 +67,22 @@ class _Refused(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The key
+
+
+def api_key_for(env_name=None, base_url=None):
+    """The API key to send ("" for none), one rule for 01-03 and 06 (--api-key-env, --judge-api-key-env): the
+    variable `env_name` names, to whatever URL; unnamed, $OPENAI_API_KEY, but only to the default endpoint
+    ($OPENAI_BASE_URL, else OpenAI's: base_url None), never to a `base_url` the user gave, which may be anyone's
+    server. As the openai client itself reads both variables (and OpenAI's own docs pair them)."""
+    if env_name:
+        if env_name not in os.environ:
+            raise SystemExit(f"no environment variable {env_name} (named by --api-key-env / --judge-api-key-env)")
+        return os.environ[env_name]
+    return "" if base_url else os.environ.get("OPENAI_API_KEY", "")
+
+
+# ----------------------------------------------------------------------------------------------------
 # One request as a chat completion, and the texts of a reply
 
 
@@ -86,7 +104,7 @@ def _chat_messages(request):
     if image is None:  # plain string content: some text-only APIs reject content lists
         content = request["prompt"]
     else:
-        image = load_image(image) if isinstance(image, str) else image  # refuses anything that is not an image
+        image = load_image(image)  # a path or PIL, as a viewer shows it; refuses anything that is not an image
         content = [{"type": "image_url", "image_url": {"url": _image_data_url(image)}},
                    {"type": "text", "text": request["prompt"]}]
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
@@ -173,15 +191,15 @@ def openai_backend(model, base_url=None, api_key=None, concurrency=16, timeout=1
     """Chat completions over the `openai` package, `concurrency` requests in flight over the servers of
     `base_url` (a comma list or a list: one `vllm serve` per node; default $OPENAI_BASE_URL). timeout: the wall
     clock of one attempt; retries: more attempts of a request; backoff, max_backoff: the servers' cool-downs.
-    api_key: None reads $OPENAI_API_KEY, "" sends none. extra_body: more fields for every request."""
+    api_key: the key, "" sends none; None: api_key_for's rule. extra_body: more fields for every request."""
     import openai
 
+    api_key = api_key_for(None, base_url) if api_key is None else api_key  # before base_url gets its default
     base_url = base_url or os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")
     urls = [u.strip().rstrip("/") for u in (base_url.split(",") if isinstance(base_url, str) else base_url)]
     urls = [u for u in urls if u]
     if not urls:
         raise ValueError("openai backend: no server URL")
-    api_key = os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key
     # no key: the client still wants one, so it gets a stand-in and every request omits the header
     clients = [openai.OpenAI(base_url=u, api_key=api_key or "no-key", max_retries=0, timeout=timeout) for u in urls]
     no_auth = {} if api_key else {"Authorization": openai.Omit()}

@@ -112,7 +112,7 @@ def prompt_encoder(tokenizer, image_processor, system=SYSTEM_PROMPT, cache_size=
     With `model`, each example also gets its M-RoPE `positions` [3, L] (time, height, width per token),
     computed once here: transformers' position code is a Python loop that GRPO would otherwise run on
     every forward of every sample."""
-    from vlaa.records import load_image
+    from vlaa.images import load_image
 
     cache = {}
 

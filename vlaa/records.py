@@ -1,4 +1,5 @@
-"""The record schema, and the one loader that reads our files and the released VLAA-Thinking files.
+"""The record schema, and the one loader that reads our files and the released VLAA-Thinking files (and the
+rows of 06's local benchmark copies, checked the same way).
 
 A record is one JSON object a line (the README has an example of each kind):
 
@@ -8,15 +9,18 @@ A record is one JSON object a line (the README has an example of each kind):
     response, verified, aha, drop_reason         03_rewrite_verify.py
 
 Every record is checked once, when it is loaded, before any model runs: field types, the gold answer
-against its verifier (vlaa.answers), the image's header (it must be an image, not too large, not too
-thin), the question's length. A failure names the file, the line, the id and the field; with
-skip_bad it is counted and reported instead. Used by every stage.
+against its verifier (vlaa.answers), the image (vlaa.images: an image, not too large, not too thin, decoded
+in full, so a file cut short is found here and not mid-training), the question's length. A failure names
+the file, the line, the id and the field; with skip_bad it is counted and reported instead. Used by every
+stage.
 """
 
+import functools
 import os
 import re
 
 from vlaa.answers import gold_error
+from vlaa.images import check_image
 from vlaa.jsonl import read_jsonl
 
 # paper (§4.1, Fig. 4): five verifiers, one per kind of answer
@@ -34,8 +38,6 @@ VERIFIER_ALIASES = {
 # paper (§2 #6, App. A.2): an "aha moment" is any of these, as a substring of the lower-cased text
 AHA_WORDS = ("wait", "again", "double-check", "hmm", "mistake", "alternatively", "check", "i should confirm")
 
-MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # decompression-bomb guard: refuse images above 64 Mpx
-MAX_ASPECT_RATIO = 200  # Qwen2.5-VL's resize refuses thinner images (smart_resize raises above 200:1)
 MAX_QUESTION_CHARS = 32_000  # ~8k tokens; a longer question is a broken record, not a prompt
 TEXT_FIELDS = ("id", "image", "question", "answer", "caption", "reasoning", "response", "source")
 
@@ -58,44 +60,6 @@ def require(rec, fields, where):
     for f in fields:
         if rec.get(f) in (None, ""):
             raise ValueError(f"{where}: missing field '{f}' (record has: {', '.join(sorted(rec)) or 'nothing'})")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Images
-
-
-def check_image(path, where=""):
-    """The image's size from its header alone; an error naming the path when it is missing, not an image
-    (a text file, a directory), too large or too thin. Only files that pass are ever decoded or sent."""
-    from PIL import Image, UnidentifiedImageError
-
-    prefix = f"{where}: " if where else ""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{prefix}image not found: {path}")
-    if not os.path.isfile(path):  # a directory, a device, a pipe (reading one could block forever)
-        raise ValueError(f"{prefix}not an image: {path} (not a regular file)")
-    try:
-        with Image.open(path) as im:  # reads only the header
-            w, h = im.size
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{prefix}not an image: {path} ({e})") from None
-    if w * h > MAX_IMAGE_PIXELS:
-        raise ValueError(f"{prefix}image too large ({w}x{h} px, limit {MAX_IMAGE_PIXELS} px): {path}")
-    if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
-        raise ValueError(f"{prefix}image too thin ({w}x{h} px, aspect ratio limit {MAX_ASPECT_RATIO}): {path}")
-    return w, h
-
-
-def load_image(path, where=""):
-    """Open an image as RGB after check_image; a file that fails to decode is an error naming the path."""
-    from PIL import Image
-
-    check_image(path, where)
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{f'{where}: ' if where else ''}unreadable image {path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -123,7 +87,7 @@ def _quote(text, limit=80):
 
 def check_record(rec, where, need=(), image_root=None, gold=True, check_images=True):
     """Validate one record in place (types, required fields, verifier type, gold answer, question length,
-    and with check_images the image's header, `image` made absolute against image_root). Raises ValueError
+    and with check_images the image, decoded in full, `image` made absolute against image_root). Raises ValueError
     or FileNotFoundError naming where and the id."""
     _as_text(rec, "id", where)
     if rec.get("id") not in (None, ""):
@@ -149,24 +113,45 @@ def check_record(rec, where, need=(), image_root=None, gold=True, check_images=T
     return rec
 
 
-def checked_records(path, rows, check, bad=None):
+def checked_records(path, rows, check, bad=None, unique=True):
     """(where, record) for each (line, record) of `rows` that `check(record, where)` accepts; it returns the
-    record in our schema. Duplicate ids are errors (a second copy would pass for the first). A refused record
-    raises, or with a `bad` list is counted there and left out."""
+    record in our schema. With unique, duplicate ids are errors (a second copy would pass for the first). A
+    refused record raises, or with a `bad` list is counted there and left out."""
     seen = set()
     for i, rec in rows:
         where = f"{path}:{i}"
         try:
             rec = check(rec, where)
-            if rec["id"] in seen:
+            if unique and rec["id"] in seen:
                 raise ValueError(f"{where}: duplicate id {rec['id']!r}")
         except (ValueError, FileNotFoundError) as e:
             if bad is None:
                 raise
             bad.append(str(e))
             continue
-        seen.add(rec["id"])
+        seen.add(rec.get("id"))
         yield where, rec
+
+
+def check_benchmark_row(rec, where, fields, image_fields=("image",), root="."):
+    """One row of a local benchmark copy (06 --data-dir), checked as records are: the benchmark's fields present
+    (maybe empty: LogicVista has an empty gold), every text field (a list: its items together) at most
+    MAX_QUESTION_CHARS, whichever of image_fields holds the image path decoded in full (vlaa.images). Returns
+    the row with that path, made absolute against root, in `image`; errors name where and the field."""
+    missing = [f for f in fields if f not in rec]
+    if missing:
+        raise ValueError(f"{where}: missing field '{missing[0]}' (record has: {', '.join(sorted(rec))})")
+    for field, value in rec.items():
+        items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        chars = sum(len(str(v)) for v in items)
+        if chars > MAX_QUESTION_CHARS:  # any of them may go into the prompt
+            raise ValueError(f"{where}: field '{field}' is {chars} characters (limit {MAX_QUESTION_CHARS})")
+    field = next((f for f in image_fields if isinstance(rec.get(f), str) and rec[f]), None)
+    if field is None:
+        raise ValueError(f"{where}: missing field 'image' (a path in {' or '.join(map(repr, image_fields))})")
+    image = rec[field] if os.path.isabs(rec[field]) else os.path.join(root, rec[field])
+    check_image(image, f"{where}: field '{field}'")
+    return rec | {"image": image}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -242,3 +227,17 @@ def load_records(path, fmt="auto", image_root=None, need=("question", "answer"),
     if bad:
         print(f"{path}: skipped {len(bad)} bad record(s) (--skip-bad); first: {bad[0]}")
     return records
+
+
+def load_benchmark_rows(path, fields, image_fields=("image",), keep=None, skip_bad=False):
+    """The rows of a local benchmark copy (JSONL) that `keep(row)` wants (default all), each checked by
+    check_benchmark_row before any model runs: a bad row stops the load naming file, line and field, or with
+    skip_bad is left out and counted (as load_records). Ids are the benchmark's own (06 checks them)."""
+    root = os.path.dirname(os.path.abspath(path))
+    bad = []
+    rows = ((i, rec) for i, rec in read_jsonl(path, bad if skip_bad else None) if keep is None or keep(rec))
+    check = functools.partial(check_benchmark_row, fields=fields, image_fields=image_fields, root=root)
+    found = [rec for _, rec in checked_records(path, rows, check, bad if skip_bad else None, unique=False)]
+    if bad:
+        print(f"{path}: skipped {len(bad)} bad record(s) (--skip-bad); first: {bad[0]}")
+    return found

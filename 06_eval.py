@@ -451,7 +451,8 @@ def generate(args, data, rules):
             chunk = todo[start:start + args.batch_size]
             requests = []
             for name, rec in chunk:
-                requests.append({"prompt": rules[name].prompt(rec), "system": system, "image": rec["image"]})
+                image = rec["image"]  # a path or the hub's PIL image: the backends convert both (vlaa.images)
+                requests.append({"prompt": rules[name].prompt(rec), "system": system, "image": image})
             outs = gen(requests, n=1, max_new_tokens=args.max_new_tokens, temperature=0.0)  # greedy
             for (name, rec), out in zip(chunk, outs):
                 jsonl.append_jsonl(f, {"id": rec["qid"], "bench": name, "response": out[0]})

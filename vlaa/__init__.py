@@ -2,7 +2,8 @@
 
     jsonl        JSONL files: read with errors naming file and line; outputs appended and resumed
     records      the record schema: verifier types, the loader (ours and the released VLAA-Thinking files),
-                 validation at load, images
+                 validation at load; 06's local benchmark rows
+    images       the one image loader: decoded in full, EXIF orientation, every PIL mode to RGB as a viewer would
     answers      reading an answer's value (integer, option, box, math spelling), the same way for the
                  gold answer and the model's; the gold check the loader runs
     parsing      answer readers of the benchmarks' own code (VLMEvalKit's letter matcher, MATH-V's reader)

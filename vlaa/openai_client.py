@@ -19,12 +19,9 @@ per-read one, so what a long run over several servers needs is added here:
   (key, URL, model name): gen always raises those.
 - gen returns as soon as it has its answer or an error: queued requests never start, requests in flight are
   abandoned (their threads are daemons that stop at their next chunk) and never delay the process's exit.
-- The API key only goes into the Authorization header; it is cut out of every message. Which key goes where
-  is one rule for every stage (api_key_for): the variable the user named, else $OPENAI_API_KEY to the default
-  endpoint only, never to a --base-url the user gave.
-
-Images (paths or PIL) are decoded when their attempt is sent, so no more than `concurrency` are in memory,
-and only files that decode as images are sent (re-encoded as PNG data URLs).
+- The API key only goes into the Authorization header; it is cut out of every message. api_key_for decides it.
+- Images (paths or PIL) go through vlaa.images.load_image when their attempt is sent: at most `concurrency`
+  in memory, only files that decode sent (as PNG data URLs), each as an image viewer shows it.
 """
 
 import base64
@@ -66,30 +63,17 @@ class _Refused(Exception):
         self.status = status
 
 
-# ----------------------------------------------------------------------------------------------------
-# The key
-
-
 def api_key_for(env_name=None, base_url=None):
-    """The API key to send ("" for none), one rule for 01-03 and 06 (--api-key-env, --judge-api-key-env): the
-    variable `env_name` names, to whatever URL; unnamed, $OPENAI_API_KEY, but only to the default endpoint
-    ($OPENAI_BASE_URL, else OpenAI's: base_url None), never to a `base_url` the user gave, which may be anyone's
-    server. As the openai client itself reads both variables (and OpenAI's own docs pair them)."""
-    if env_name:
-        if env_name not in os.environ:
-            raise SystemExit(f"no environment variable {env_name} (named by --api-key-env / --judge-api-key-env)")
-        return os.environ[env_name]
-    return "" if base_url else os.environ.get("OPENAI_API_KEY", "")
+    """The key to send ("" none), one rule for 01-03 and 06 (--api-key-env, --judge-api-key-env): the variable
+    env_name names, to any URL; else $OPENAI_API_KEY, to the default endpoint only ($OPENAI_BASE_URL, else
+    OpenAI's; the openai client pairs the two), never to a base_url the user gave: anyone's server."""
+    if env_name and env_name not in os.environ:
+        raise SystemExit(f"no environment variable {env_name} (named by --api-key-env / --judge-api-key-env)")
+    return os.environ[env_name] if env_name else "" if base_url else os.environ.get("OPENAI_API_KEY", "")
 
 
 # ----------------------------------------------------------------------------------------------------
 # One request as a chat completion, and the texts of a reply
-
-
-def _image_data_url(image):
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _chat_messages(request):
@@ -104,9 +88,10 @@ def _chat_messages(request):
     if image is None:  # plain string content: some text-only APIs reject content lists
         content = request["prompt"]
     else:
-        image = load_image(image)  # a path or PIL, as a viewer shows it; refuses anything that is not an image
-        content = [{"type": "image_url", "image_url": {"url": _image_data_url(image)}},
-                   {"type": "text", "text": request["prompt"]}]
+        buf = io.BytesIO()
+        load_image(image).save(buf, format="PNG")  # a path or PIL, as a viewer shows it; refuses non-images
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": request["prompt"]}]
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
 
 

@@ -17,7 +17,7 @@ import os
 import re
 
 from vlaa.answers import gold_error
-from vlaa.jsonl import read_jsonl
+from vlaa.jsonl import InputError, parse_json, read_jsonl, write_jsonl
 
 # paper (§4.1, Fig. 4): five verifiers, one per kind of answer
 VERIFIER_TYPES = ("digit", "mcq", "math", "iou", "open")
@@ -48,7 +48,7 @@ def has_aha(text, words=AHA_WORDS):
 def normalize_verifier(value, where):
     v = VERIFIER_ALIASES.get(str(value).strip().lower())
     if v is None:
-        raise ValueError(f"{where}: unknown verifier_type {value!r}; known: {', '.join(VERIFIER_TYPES)} "
+        raise InputError(f"{where}: unknown verifier_type {value!r}; known: {', '.join(VERIFIER_TYPES)} "
                          f"(aliases: {', '.join(sorted(VERIFIER_ALIASES))})")
     return v
 
@@ -57,7 +57,7 @@ def require(rec, fields, where):
     """Check that `rec` has every field, non-empty; `where` is 'file:line' for the message."""
     for f in fields:
         if rec.get(f) in (None, ""):
-            raise ValueError(f"{where}: missing field '{f}' (record has: {', '.join(sorted(rec)) or 'nothing'})")
+            raise InputError(f"{where}: missing field '{f}' (record has: {', '.join(sorted(rec)) or 'nothing'})")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -73,16 +73,16 @@ def check_image(path, where=""):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{prefix}image not found: {path}")
     if not os.path.isfile(path):  # a directory, a device, a pipe (reading one could block forever)
-        raise ValueError(f"{prefix}not an image: {path} (not a regular file)")
+        raise InputError(f"{prefix}not an image: {path} (not a regular file)")
     try:
         with Image.open(path) as im:  # reads only the header
             w, h = im.size
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{prefix}not an image: {path} ({e})") from None
+        raise InputError(f"{prefix}not an image: {path} ({e})") from None
     if w * h > MAX_IMAGE_PIXELS:
-        raise ValueError(f"{prefix}image too large ({w}x{h} px, limit {MAX_IMAGE_PIXELS} px): {path}")
+        raise InputError(f"{prefix}image too large ({w}x{h} px, limit {MAX_IMAGE_PIXELS} px): {path}")
     if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
-        raise ValueError(f"{prefix}image too thin ({w}x{h} px, aspect ratio limit {MAX_ASPECT_RATIO}): {path}")
+        raise InputError(f"{prefix}image too thin ({w}x{h} px, aspect ratio limit {MAX_ASPECT_RATIO}): {path}")
     return w, h
 
 
@@ -95,7 +95,7 @@ def load_image(path, where=""):
         with Image.open(path) as im:
             return im.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{f'{where}: ' if where else ''}unreadable image {path}: {e}") from None
+        raise InputError(f"{f'{where}: ' if where else ''}unreadable image {path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def _as_text(rec, field, where):
     elif field == "answer" and isinstance(v, list) and len(v) == 4 and all(isinstance(x, (int, float)) for x in v):
         rec[field] = "[" + ", ".join(str(x) for x in v) + "]"  # a box given as a JSON list
     else:
-        raise ValueError(f"{where}: field '{field}' must be a string, got {type(v).__name__}")
+        raise InputError(f"{where}: field '{field}' must be a string, got {type(v).__name__}")
 
 
 def _quote(text, limit=80):
@@ -123,7 +123,7 @@ def _quote(text, limit=80):
 
 def check_record(rec, where, need=(), image_root=None, gold=True, check_images=True):
     """Validate one record in place (types, required fields, verifier type, gold answer, question length,
-    and with check_images the image's header, `image` made absolute against image_root). Raises ValueError
+    and with check_images the image's header, `image` made absolute against image_root). Raises InputError
     or FileNotFoundError naming where and the id."""
     _as_text(rec, "id", where)
     if rec.get("id") not in (None, ""):
@@ -133,15 +133,15 @@ def check_record(rec, where, need=(), image_root=None, gold=True, check_images=T
     require(rec, need, where)
     if rec.get("choices") is not None and not (isinstance(rec["choices"], list)
                                                and all(isinstance(c, (str, int, float)) for c in rec["choices"])):
-        raise ValueError(f"{where}: field 'choices' must be a list of strings")
+        raise InputError(f"{where}: field 'choices' must be a list of strings")
     if len(rec.get("question") or "") > MAX_QUESTION_CHARS:
-        raise ValueError(f"{where}: field 'question' is {len(rec['question'])} characters (limit {MAX_QUESTION_CHARS})")
+        raise InputError(f"{where}: field 'question' is {len(rec['question'])} characters (limit {MAX_QUESTION_CHARS})")
     if rec.get("verifier_type") not in (None, ""):
         rec["verifier_type"] = normalize_verifier(rec["verifier_type"], f"{where}: field 'verifier_type'")
         if gold and rec.get("answer") not in (None, ""):
             why = gold_error(rec)
             if why:
-                raise ValueError(f"{where}: field 'answer': {why}")
+                raise InputError(f"{where}: field 'answer': {why}")
     if check_images and rec.get("image") not in (None, ""):
         root = image_root or "."
         rec["image"] = rec["image"] if os.path.isabs(rec["image"]) else os.path.join(root, rec["image"])
@@ -159,7 +159,7 @@ def checked_records(path, rows, check, bad=None):
         try:
             rec = check(rec, where)
             if rec["id"] in seen:
-                raise ValueError(f"{where}: duplicate id {rec['id']!r}")
+                raise InputError(f"{where}: duplicate id {rec['id']!r}")
         except (ValueError, FileNotFoundError) as e:
             if bad is None:
                 raise
@@ -169,6 +169,25 @@ def checked_records(path, rows, check, bad=None):
         yield where, rec
 
 
+SHOWN_SKIPPED = 5  # reasons printed; the file holds all of them
+
+
+def report_skipped(bad, source, skipped_path=None):
+    """--skip-bad says why: the count and the first reasons on the console, every reason in skipped_path (JSONL,
+    {"reason": ...} a line, written anew each run; removed when nothing was skipped, so it never speaks of an
+    older run)."""
+    if skipped_path and not bad and os.path.exists(skipped_path):
+        os.remove(skipped_path)
+    if not bad:
+        return
+    if skipped_path:
+        write_jsonl(skipped_path, [{"reason": why} for why in bad])
+    more = f"\n  ... and {len(bad) - SHOWN_SKIPPED} more" if len(bad) > SHOWN_SKIPPED else ""
+    print(f"{source}: skipped {len(bad)} bad record(s) (--skip-bad)"
+          + (f", every reason in {skipped_path}" if skipped_path else "") + ":\n  "
+          + "\n  ".join(bad[:SHOWN_SKIPPED]) + more)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The loader: our schema and the released VLAA-Thinking files
 
@@ -176,23 +195,23 @@ def checked_records(path, rows, check, bad=None):
 def _iter_json_or_jsonl(path, bad=None):
     """The released `.json` files are JSONL despite the extension; accept a JSON array too. Unreadable
     lines are errors, or with a `bad` list counted there (see read_jsonl)."""
-    import json
-
     with open(path, "rb") as f:
         head = f.read(1024).lstrip()
     if not head.startswith(b"["):
         yield from read_jsonl(path, bad)
         return
-    with open(path, encoding="utf-8", errors="strict") as f:
+    with open(path, "rb") as f:
         try:
-            items = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: bad JSON array ({e})") from None
+            items, why = parse_json(f.read().decode("utf-8"), path)
+        except UnicodeDecodeError as e:
+            items, why = None, f"{path}: not UTF-8 (byte {e.start})"
+    if why:
+        raise InputError(why.replace("bad JSON", "bad JSON array", 1))
     for i, rec in enumerate(items, 1):
         if isinstance(rec, dict):
             yield i, rec
         elif bad is None:
-            raise ValueError(f"{path}: item {i}: expected a JSON object")
+            raise InputError(f"{path}: item {i}: expected a JSON object")
         else:
             bad.append(f"{path}: item {i}: expected a JSON object")
 
@@ -214,18 +233,18 @@ def _from_released(rec, where):
     else:  # GRPO file: the ground truth is in `gt` (or `answer`)
         gold = rec.get("gt") or answer or None
     if gold in (None, ""):
-        raise ValueError(f"{where}: no ground truth: looked in 'gt', 'answer' and the <answer> block of 'answer'")
+        raise InputError(f"{where}: no ground truth: looked in 'gt', 'answer' and the <answer> block of 'answer'")
     out["answer"] = gold if isinstance(gold, (list, int, float)) else str(gold)
     return out
 
 
-def load_records(path, fmt="auto", image_root=None, need=("question", "answer"), skip_bad=False):
+def load_records(path, fmt="auto", image_root=None, need=("question", "answer"), skip_bad=False, skipped=None):
     """Read a data file into a list of validated records in our schema, with `image` made absolute.
 
     fmt: "ours", "vlaa" (the released VLAA-Thinking SFT/GRPO files) or "auto" (released when a record
     has `gt` or a `<think>` inside `answer`). Images resolve against `image_root`, else the file's
     folder. A bad record stops the load naming file, line, id and field; with skip_bad it is left out
-    and counted (the count and the first reasons are printed).
+    and counted (report_skipped: the first reasons printed, all of them in the file `skipped`, if given).
     """
     root = image_root or os.path.dirname(os.path.abspath(path))
 
@@ -239,6 +258,5 @@ def load_records(path, fmt="auto", image_root=None, need=("question", "answer"),
     bad = []
     rows = _iter_json_or_jsonl(path, bad if skip_bad else None)
     records = [rec for _, rec in checked_records(path, rows, ours, bad if skip_bad else None)]
-    if bad:
-        print(f"{path}: skipped {len(bad)} bad record(s) (--skip-bad); first: {bad[0]}")
+    report_skipped(bad, path, skipped)
     return records

@@ -43,7 +43,7 @@ def at_least(low):
     return _ranged(int, f"an integer >= {low}", lambda v: v >= low)
 
 
-positive_int = at_least(1)
+positive_int = _ranged(int, "an integer > 0", lambda v: v > 0)
 nonneg_int = at_least(0)
 positive_float = _ranged(float, "a number > 0", lambda v: v > 0)
 nonneg_float = _ranged(float, "a number >= 0", lambda v: v >= 0)

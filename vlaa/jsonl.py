@@ -53,7 +53,7 @@ def _parse_line(raw, where):
         return None, f"{where}: not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})"
     if not line.strip():
         return None, None
-    rec, why = parse_json(line, where)
+    rec, why = parse_json(line.rstrip("\r\n"), where)  # an error at the line's end is on this line
     if why is not None:
         return None, why
     if not isinstance(rec, dict):

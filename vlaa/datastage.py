@@ -8,9 +8,9 @@
 The contract every data stage keeps: re-running the same command resumes (ids already in OUT are
 skipped, a torn last line is redone, a damaged line in the middle is kept and its record redone and
 counted); nothing is lost when killed; a bad record stops the stage before any model call, naming file,
-line, id and field, or with --skip-bad is counted and reported. A request the backend could not do (the
-backends' on_error="return") stops the stage after its batch's other records are written, or with
---skip-bad is counted the same way.
+line, id and field, or with --skip-bad is left out, its reason listed in OUT.skipped.jsonl. A request the
+backend could not do (the backends' on_error="return") stops the stage after its batch's other records are
+written, or with --skip-bad is left out the same way.
 """
 
 import functools
@@ -56,7 +56,8 @@ def run_stage(in_path, out_path, process, prepare=None, need=("id",), batch_size
     batch's other records are still written; the failure stops the stage, or with skip_bad is counted).
     `rec["image"]` is absolute while it is prepared and processed, and written relative to OUT's folder,
     so it still resolves wherever OUT lives.
-    Returns {"total", "done_before", "written", "bad": [message, ...], "damaged_lines"}.
+    Returns {"total", "done_before", "written", "bad": [message, ...], "damaged_lines"}; the bad messages are
+    also written to skipped_path(OUT), and the first few printed.
     """
     from tqdm import tqdm
 

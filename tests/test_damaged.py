@@ -174,3 +174,29 @@ def test_the_training_loader_writes_its_skipped_records_where_it_is_told(tmp_pat
         f"{path}:1 (id '1'): missing field 'image' (record has: id, question)",
         f"{path}:2: expected a JSON object, got list"]
     assert f"{path}: skipped 2 bad record(s) (--skip-bad), every reason in {skipped}" in capsys.readouterr().out
+
+
+def test_04_lists_its_skipped_records_and_a_damaged_checkpoint_says_how_to_resume(tmp_path, tiny_model_dir):
+    from test_sft import colour_sft_data
+
+    sft = importlib.import_module("04_sft")
+    data = colour_sft_data(str(tmp_path / "d"), n=8)
+    with open(data, "a") as f:
+        f.write('{"id": "x", "image": "images/0.png"}\n')  # no question, no response
+    out = str(tmp_path / "run")
+    argv = ["--model", tiny_model_dir, "--data", data, "--out", out, "--global-batch", "8", "--micro-batch", "8",
+            "--save-every", "1", "--skip-bad"]
+    sft.main(argv + ["--max-steps", "2"])
+    assert [json.loads(line)["reason"] for line in open(os.path.join(out, "skipped.jsonl"))] == [
+        f"{data}:9 (id 'x'): missing field 'question' (record has: id, image)"]
+    last = os.path.join(out, "checkpoints", "ckpt-2")
+    trainer = json.load(open(os.path.join(last, "trainer.json")))
+    with open(os.path.join(last, "trainer.json"), "w") as f:
+        json.dump(trainer | {"step": -1}, f)
+    with pytest.raises(jsonl.InputError, match=r"ckpt-2/trainer\.json: step -1 is impossible here; .*delete "):
+        sft.main(argv + ["--max-steps", "3", "--resume"])
+    import shutil
+
+    shutil.rmtree(last)  # what the message says: the run resumes from the checkpoint before
+    sft.main(argv + ["--max-steps", "3", "--resume"])
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3]

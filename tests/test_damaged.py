@@ -200,3 +200,14 @@ def test_04_lists_its_skipped_records_and_a_damaged_checkpoint_says_how_to_resum
     shutil.rmtree(last)  # what the message says: the run resumes from the checkpoint before
     sft.main(argv + ["--max-steps", "3", "--resume"])
     assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("content, says", [("[" + DEEP + "]", r"bad JSON \(nested too deeply"),
+                                           (b"[\xff]", "not UTF-8"), ("[{", "bad JSON")])
+def test_a_damaged_source_array_is_named_by_vlaa_sources(tmp_path, content, says):
+    from vlaa import collect
+
+    path = tmp_path / "rows.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(jsonl.InputError, match=r"rows\.json: " + says):
+        list(collect.local_rows(str(path)))

@@ -19,7 +19,7 @@ import os
 
 from vlaa.flags import fraction, nonneg_float, nonneg_int, positive_float, positive_int
 from vlaa.jsonl import InputError, append_jsonl, open_output, read_jsonl
-from vlaa.records import check_record, checked_records, report_skipped
+from vlaa.records import check_record, checked_records, report_skipped, skipped_path
 
 
 def relocate_image(rec, from_dir, to_dir):
@@ -97,11 +97,6 @@ def run_stage(in_path, out_path, process, prepare=None, need=("id",), batch_size
             stats["bad"] += failed
     report_skipped(stats["bad"], f"{in_path} (a rerun retries them)", skipped_path(out_path))
     return stats
-
-
-def skipped_path(out_path):
-    """Where --skip-bad lists every skipped record and why: beside OUT, OUT.jsonl -> OUT.skipped.jsonl."""
-    return os.path.splitext(out_path)[0] + ".skipped.jsonl"
 
 
 # --- command-line flags every data stage shares

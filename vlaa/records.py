@@ -172,6 +172,11 @@ def checked_records(path, rows, check, bad=None):
 SHOWN_SKIPPED = 5  # reasons printed; the file holds all of them
 
 
+def skipped_path(out_path):
+    """Where --skip-bad lists every skipped record and why for an output file: OUT.jsonl -> OUT.skipped.jsonl."""
+    return os.path.splitext(out_path)[0] + ".skipped.jsonl"
+
+
 def report_skipped(bad, source, skipped_path=None):
     """--skip-bad says why: the count and the first reasons on the console, every reason in skipped_path (JSONL,
     {"reason": ...} a line, written anew each run; removed when nothing was skipped, so it never speaks of an

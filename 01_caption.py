@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="recaption records that already have a caption")
     p.add_argument("--prompt-file", default=None, help="a text file replacing the built-in captioning prompt")
     add_generation_args(p, batch_size=32, max_new_tokens=1024, temperature=0.0)
-    return flags.parse(p, argv)
+    return flags.parse(p, argv, flags.check_generation)
 
 
 def prepare(rec, where, overwrite):

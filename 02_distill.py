@@ -66,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--system", default=None, help="a system prompt for the reasoner (default: none, as R1 advises)")
     # DeepSeek's advice for R1: temperature 0.6, top-p 0.95, no system prompt; R1 thinks at length
     add_generation_args(p, batch_size=64, max_new_tokens=8192, temperature=0.6, top_p=0.95)
-    return flags.parse(p, argv)
+    return flags.parse(p, argv, flags.check_generation)
 
 
 def distill_prompt(rec):

@@ -74,7 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--judge-max-new-tokens", type=flags.positive_int, default=16,
                    help="the judge's reply (default: %(default)s)")
     add_generation_args(p, batch_size=64, max_new_tokens=8192, temperature=0.0)
-    return flags.parse(p, argv)
+    return flags.parse(p, argv, flags.check_generation)
 
 
 # ----------------------------------------------------------------------------------------------------

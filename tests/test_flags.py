@@ -79,6 +79,10 @@ BAD_COMBINATIONS = [  # stage, flags, what the error names
     ("05", ["--eval-every", "1"], "--eval-every needs --eval-data"),
     ("05", ["--min-lr", "1e-5"], "--min-lr 1e-05 is above --lr 5e-06"),
     ("06", ["--min-pixels", "9", "--max-pixels", "4"], "--min-pixels 9 is above --max-pixels 4"),
+    ("05", ["--vllm-gpu-memory", "0.5"], "--vllm-gpu-memory needs --rollout vllm"),
+    ("01", ["--max-pixels", "50176"], "--max-pixels is read by --backend hf or vllm only, not toy"),
+    ("02", ["--backend", "openai", "--max-model-len", "4096"], "--max-model-len is read by --backend vllm only"),
+    ("03", ["--gpu-memory-utilization", "0.5"], "--gpu-memory-utilization is read by --backend vllm only"),
 ]
 
 

@@ -91,6 +91,15 @@ def check_pixels(args):
         return f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}"
 
 
+def check_generation(args):
+    """01-03: an engine setting given to a backend that does not read it would be silently ignored."""
+    for flag, value, readers in (("--max-model-len", args.max_model_len, ("vllm",)),
+                                 ("--gpu-memory-utilization", args.gpu_memory_utilization, ("vllm",)),
+                                 ("--max-pixels", args.max_pixels, ("hf", "vllm"))):
+        if value is not None and args.backend not in readers:
+            return f"{flag} is read by --backend {' or '.join(readers)} only, not {args.backend}"
+
+
 def _check_file(flag, path):
     if path is not None and not os.path.isfile(path):
         return f"{flag}: no such file {path}"
@@ -128,7 +137,9 @@ def check_grpo(args):
     except InputError as e:
         return str(e)
     return _first(check_training(args),
-                  0 < args.dual_clip <= 1 and f"--dual-clip must be 0 (off) or above 1, got {args.dual_clip}")
+                  0 < args.dual_clip <= 1 and f"--dual-clip must be 0 (off) or above 1, got {args.dual_clip}",
+                  args.vllm_gpu_memory is not None and args.rollout != "vllm"
+                  and "--vllm-gpu-memory needs --rollout vllm")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def _ranged(kind, shown, ok):
         if not (math.isfinite(value) and ok(value)):  # nan compares False, inf is never a setting
             raise argparse.ArgumentTypeError(f"must be {shown}, got {text!r}")
         return value
-    parse.range, parse.__name__ = shown, kind.__name__
+    parse.range = shown  # what show_ranges appends to the flag's help
     return parse
 
 

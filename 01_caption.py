@@ -26,6 +26,7 @@ Re-running the same command resumes: ids already in the output are skipped.
 
 import argparse
 
+from vlaa import flags
 from vlaa.datastage import add_generation_args, backend_from_args, run_stage, sampling_from_args
 
 # Our own wording of the paper's captioning instructions (App. A.1).
@@ -56,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="recaption records that already have a caption")
     p.add_argument("--prompt-file", default=None, help="a text file replacing the built-in captioning prompt")
     add_generation_args(p, batch_size=32, max_new_tokens=1024, temperature=0.0)
-    return p.parse_args(argv)
+    return flags.parse(p, argv, flags.check_generation)
 
 
 def prepare(rec, where, overwrite):
@@ -98,4 +99,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    flags.cli(main)

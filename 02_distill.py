@@ -29,6 +29,7 @@ Re-running the same command resumes.
 
 import argparse
 
+from vlaa import flags
 from vlaa.datastage import add_generation_args, backend_from_args, run_stage, sampling_from_args
 
 # Our own wording of the paper's "pretend you see the image" prompt (App. A.1). The prompt
@@ -65,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--system", default=None, help="a system prompt for the reasoner (default: none, as R1 advises)")
     # DeepSeek's advice for R1: temperature 0.6, top-p 0.95, no system prompt; R1 thinks at length
     add_generation_args(p, batch_size=64, max_new_tokens=8192, temperature=0.6, top_p=0.95)
-    return p.parse_args(argv)
+    return flags.parse(p, argv, flags.check_generation)
 
 
 def distill_prompt(rec):
@@ -93,4 +94,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    flags.cli(main)

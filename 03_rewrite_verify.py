@@ -34,6 +34,7 @@ import os
 import re
 
 import rewards
+from vlaa import flags
 from vlaa.datastage import add_generation_args, backend_from_args, run_stage, sampling_from_args
 from vlaa.jsonl import read_output, write_json, write_jsonl
 from vlaa.records import AHA_WORDS, has_aha, normalize_verifier
@@ -66,13 +67,14 @@ def parse_args(argv=None):
     p.add_argument("--judge-model", default=None,
                    help="LLM Yes/No judge for `open` answers, through --backend (default: none: open samples "
                         "are dropped as no_judge and counted)")
-    p.add_argument("--max-word-change", type=int, default=15,
+    p.add_argument("--max-word-change", type=flags.nonneg_int, default=15,
                    help="paper: drop a sample whose word count changes by more than this (default: %(default)s)")
     p.add_argument("--aha-words", default=",".join(AHA_WORDS),
                    help="comma list of aha keywords, substrings of the lower-cased response (default: the paper's)")
-    p.add_argument("--judge-max-new-tokens", type=int, default=16, help="the judge's reply (default: %(default)s)")
+    p.add_argument("--judge-max-new-tokens", type=flags.positive_int, default=16,
+                   help="the judge's reply (default: %(default)s)")
     add_generation_args(p, batch_size=64, max_new_tokens=8192, temperature=0.0)
-    return p.parse_args(argv)
+    return flags.parse(p, argv, flags.check_generation)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -278,4 +280,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    flags.cli(main)

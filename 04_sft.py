@@ -29,7 +29,8 @@ import torch
 from tqdm import tqdm
 
 import rewards
-from vlaa import qwen, runs, training
+from vlaa import flags, qwen, runs, training
+from vlaa.flags import nonneg_float, nonneg_int, positive_float, positive_int, probability
 from vlaa.qwen import SYSTEM_PROMPT, collate, prompt_encoder, to_device
 from vlaa.records import load_records
 
@@ -44,33 +45,38 @@ p.add_argument("--image-root", default=None, help="folder that image paths are r
 p.add_argument("--skip-bad", action="store_true", help="leave out and count bad records instead of stopping")
 p.add_argument("--out", required=True, help="output folder")
 p.add_argument("--no-system-prompt", action="store_true", help="train without the VLAA system prompt")
-p.add_argument("--max-length", type=int, default=4096, help="samples longer than this (tokens) are dropped and counted")
-p.add_argument("--min-pixels", type=int, default=None, help="image processor min_pixels (default: the checkpoint's)")
-p.add_argument("--max-pixels", type=int, default=None, help="image processor max_pixels (default: the "
+p.add_argument("--max-length", type=positive_int, default=4096,
+               help="samples longer than this (tokens) are dropped and counted")
+p.add_argument("--min-pixels", type=positive_int, default=None,
+               help="image processor min_pixels (default: the checkpoint's)")
+p.add_argument("--max-pixels", type=positive_int, default=None, help="image processor max_pixels (default: the "
                "checkpoint's, at most 256*32*32, the paper's evaluation budget; 05 uses the same)")
-p.add_argument("--global-batch", type=int, default=128, help="samples per optimizer step over all ranks (paper: 128)")
-p.add_argument("--micro-batch", type=int, default=4, help="samples per forward pass on one rank")
-p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (paper: about 1)")
-p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
-p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (not given by the paper)")
-p.add_argument("--min-lr", type=float, default=0.0, help="cosine schedule floor")
-p.add_argument("--warmup-ratio", type=float, default=0.03, help="share of steps with linear warmup")
-p.add_argument("--weight-decay", type=float, default=0.0)
-p.add_argument("--grad-clip", type=float, default=1.0)
+p.add_argument("--global-batch", type=positive_int, default=128,
+               help="samples per optimizer step over all ranks (paper: 128)")
+p.add_argument("--micro-batch", type=positive_int, default=4, help="samples per forward pass on one rank")
+p.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the data (paper: about 1)")
+p.add_argument("--max-steps", type=positive_int, default=None,
+               help="stop after this many optimizer steps (overrides --epochs)")
+p.add_argument("--lr", type=positive_float, default=1e-5, help="peak learning rate (not given by the paper)")
+p.add_argument("--min-lr", type=nonneg_float, default=0.0, help="cosine schedule floor")
+p.add_argument("--warmup-ratio", type=probability, default=0.03, help="share of steps with linear warmup")
+p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
+p.add_argument("--grad-clip", type=positive_float, default=1.0)
 p.add_argument("--train-vision", action="store_true", help="also train the vision tower (paper: frozen)")
 p.add_argument("--activation-checkpointing", action="store_true", help="recompute activations to save memory")
-p.add_argument("--save-every", type=int, default=None,
+p.add_argument("--save-every", type=positive_int, default=None,
                help="write a resumable checkpoint every N steps (default: every ~10%% of the run); always on SIGTERM")
 p.add_argument("--resume", action="store_true", help="continue this run from its last checkpoint in --out")
 p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds another run or this "
                "one already (its checkpoints, model and logs are deleted)")
-p.add_argument("--cache-size", type=int, default=2000,
+p.add_argument("--cache-size", type=nonneg_int, default=2000,
                help="keep up to N encoded samples (image processed once) in memory; 0 = encode every time")
 p.add_argument("--eval-data", default=None, help="held-out records (with answer and verifier_type): greedy "
                "accuracy per verifier type is logged to metrics.jsonl as eval/... (sharded over ranks)")
-p.add_argument("--eval-every", type=int, default=0, help="evaluate --eval-data every N steps and at the end (0: off)")
-p.add_argument("--eval-max-new-tokens", type=int, default=256, help="completion length for --eval-data")
-p.add_argument("--seed", type=int, default=0)
+p.add_argument("--eval-every", type=nonneg_int, default=0,
+               help="evaluate --eval-data every N steps and at the end (0: off)")
+p.add_argument("--eval-max-new-tokens", type=positive_int, default=256, help="completion length for --eval-data")
+p.add_argument("--seed", type=nonneg_int, default=0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -118,11 +124,9 @@ def train_step(model, optimizer, params, batches, grad_clip, world, device):
 
 
 def main(argv=None):
-    args = p.parse_args(argv)
+    args = flags.parse(p, argv, flags.check_sft)  # a bad flag or combination stops here, naming it
     env = training.init_distributed()
     rank, world, device, master = env["rank"], env["world"], env["device"], env["master"]
-    if args.global_batch % world:
-        raise SystemExit(f"--global-batch {args.global_batch} must be divisible by the number of ranks ({world})")
     torch.manual_seed(args.seed)
     args.max_pixels = qwen.training_max_pixels(args.model, args.max_pixels)  # the trainer's (and engine's)
 
@@ -133,7 +137,8 @@ def main(argv=None):
 
     # data
     system = None if args.no_system_prompt else SYSTEM_PROMPT
-    records = load_records(args.data, args.fmt, args.image_root, ("question", "response"), args.skip_bad)
+    records = load_records(args.data, args.fmt, args.image_root, ("question", "response"), args.skip_bad,
+                           os.path.join(args.out, "skipped.jsonl"))  # --skip-bad: every reason there
     records, n_dropped = qwen.fitting(records, tokenizer, image_processor, args.max_length, system, response=True)
     if len(records) < args.global_batch:
         raise SystemExit(f"{args.data}: only {len(records)} samples fit in --max-length {args.max_length}; "
@@ -143,7 +148,7 @@ def main(argv=None):
     encode = prompt_encoder(tokenizer, image_processor, system, args.cache_size, response=True)
     warmup = training.warmup_updates(total_steps, args.warmup_ratio)
     held_out = load_records(args.eval_data, args.fmt, args.image_root, ("question", "answer", "verifier_type"),
-                            args.skip_bad) if args.eval_data else []
+                            args.skip_bad, os.path.join(args.out, "skipped-eval.jsonl")) if args.eval_data else []
     held_out = [r for r in held_out if r["verifier_type"] != "open"]  # open answers need a judge: not scored here
     encode_prompt = prompt_encoder(tokenizer, image_processor, system, args.cache_size)
     if master:
@@ -187,4 +192,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    flags.cli(main)

@@ -34,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 import rewards
-from vlaa import colocate, qwen, runs, training
+from vlaa import colocate, flags, qwen, runs, training
+from vlaa.flags import at_least, fraction, nonneg_float, nonneg_int, positive_float, positive_int, probability
 from vlaa.records import has_aha, load_records, normalize_verifier
 
 # ----------------------------------------------------------------------------------------------------
@@ -48,35 +49,35 @@ p.add_argument("--image-root", default=None, help="folder that image paths are r
 p.add_argument("--skip-bad", action="store_true", help="leave out and count bad records instead of stopping")
 p.add_argument("--out", required=True, help="output folder")
 p.add_argument("--no-system-prompt", action="store_true", help="prompt without the VLAA system prompt")
-p.add_argument("--min-pixels", type=int, default=None, help="image processor min_pixels (default: the checkpoint's)")
-p.add_argument("--max-pixels", type=int, default=None, help="image processor max_pixels, also the vLLM engine's "
+p.add_argument("--min-pixels", type=positive_int, help="image processor min_pixels (default: the checkpoint's)")
+p.add_argument("--max-pixels", type=positive_int, help="image processor max_pixels, also the vLLM engine's "
                "(default: the checkpoint's, at most 256*32*32, the paper's evaluation budget)")
 # rollouts
 p.add_argument("--rollout", default="hf", choices=["hf", "vllm"], help="hf: transformers generate; vllm: colocated")
-p.add_argument("--rollout-batch", type=int, default=512, help="prompts per step over all ranks (paper: 512)")
-p.add_argument("--group-size", type=int, default=4, help="completions per prompt, G (paper: 4)")
-p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (paper: 0.8)")
-p.add_argument("--top-p", type=float, default=1.0)
-p.add_argument("--max-new-tokens", type=int, default=1024, help="completion length cap (paper: not stated)")
-p.add_argument("--max-prompt-length", type=int, default=2048, help="prompts longer than this (tokens, the image's "
-               "included) are dropped with a count; the vLLM engine's context is this + --max-new-tokens")
-p.add_argument("--vllm-gpu-memory", type=float, default=None, help="vLLM gpu_memory_utilization per rank (default: "
+p.add_argument("--rollout-batch", type=positive_int, default=512, help="prompts per step over all ranks (paper: 512)")
+p.add_argument("--group-size", type=at_least(2), default=4, help="completions per prompt, G (paper: 4)")
+p.add_argument("--temperature", type=positive_float, default=0.8, help="sampling temperature (paper: 0.8)")
+p.add_argument("--top-p", type=fraction, default=1.0)
+p.add_argument("--max-new-tokens", type=positive_int, default=1024, help="completion length cap (paper: not stated)")
+p.add_argument("--max-prompt-length", type=positive_int, default=2048, help="prompts longer than this (tokens, the "
+               "image's included) are dropped with a count; the vLLM engine's context is this + --max-new-tokens")
+p.add_argument("--vllm-gpu-memory", type=fraction, default=None, help="vLLM gpu_memory_utilization per rank (default: "
                "0.3 on GPU; on CPU, where it is a share of host RAM, a fixed 1 GiB KV cache)")
-p.add_argument("--vllm-is-cap", type=float, default=2.0, help="--rollout vllm: cap of the importance weight "
+p.add_argument("--vllm-is-cap", type=nonneg_float, default=2.0, help="--rollout vllm: cap of the importance weight "
                "pi_trainer / pi_vllm correcting the engine's sampling mismatch; 0: off (default: %(default)s)")
 p.add_argument("--vllm-is-level", default="token", choices=["token", "sequence"], help="that weight per token or per "
                "completion (the product of its token ratios) (default: %(default)s; docs/vllm.md)")
 # objective
-p.add_argument("--train-batch", type=int, default=256, help="completions per optimizer update over all ranks "
+p.add_argument("--train-batch", type=positive_int, default=256, help="completions per optimizer update over all ranks "
                "(paper: 256, so a rollout of 512x4 gives 8 updates)")
-p.add_argument("--micro-batch", type=int, default=8, help="completions per forward pass on one rank")
-p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout")
-p.add_argument("--clip-low", type=float, default=0.2, help="ratio clipped below at 1 - clip_low")
-p.add_argument("--clip-high", type=float, default=0.2, help="ratio clipped above at 1 + clip_high (DAPO: 0.28)")
-p.add_argument("--kl-coef", type=float, default=1e-3, help="KL coefficient, k3 estimator in the loss; 0 = no "
+p.add_argument("--micro-batch", type=positive_int, default=8, help="completions per forward pass on one rank")
+p.add_argument("--ppo-epochs", type=positive_int, default=1, help="passes over each rollout")
+p.add_argument("--clip-low", type=probability, default=0.2, help="ratio clipped below at 1 - clip_low")
+p.add_argument("--clip-high", type=nonneg_float, default=0.2, help="ratio clipped above at 1 + clip_high (DAPO: 0.28)")
+p.add_argument("--kl-coef", type=nonneg_float, default=1e-3, help="KL coefficient, k3 estimator in the loss; 0 = no "
                "reference model (paper KL2: start 1e-3)")
-p.add_argument("--kl-target", type=float, default=5e-4, help="adaptive KL target (paper KL2: 5e-4); 0 = fixed coef")
-p.add_argument("--kl-horizon", type=int, default=10000, help="adaptive KL horizon in samples (OpenRLHF default)")
+p.add_argument("--kl-target", type=nonneg_float, default=5e-4, help="adaptive KL target (paper KL2: 5e-4); 0 = fixed")
+p.add_argument("--kl-horizon", type=positive_int, default=10000, help="adaptive KL horizon in samples (as OpenRLHF)")
 p.add_argument("--scale-rewards", default="group", choices=["group", "none"],
                help="group: (r - mean) / (std + 1e-4), GRPO; none: r - mean, Dr. GRPO (default: %(default)s)")
 p.add_argument("--loss-agg", default="seq", choices=["seq", "token", "dr_grpo"], help="seq: mean of each "
@@ -84,44 +85,45 @@ p.add_argument("--loss-agg", default="seq", choices=["seq", "token", "dr_grpo"],
                "dr_grpo: token sum / (completions x --max-new-tokens) (default: %(default)s; docs/grpo.md)")
 p.add_argument("--importance-level", default="token", choices=["token", "sequence"], help="sequence: one ratio per "
                "completion, exp(mean token log-ratio) (GSPO; TRL importance_sampling_level) (default: %(default)s)")
-p.add_argument("--dual-clip", type=float, default=0.0, help="c > 1: the loss of a negative advantage is capped at "
-               "c x |A| (dual-clip PPO, verl's default 3); 0: off, the paper's (default: %(default)s)")
+p.add_argument("--dual-clip", type=nonneg_float, default=0.0, help="c > 1: the loss of a negative advantage is capped "
+               "at c x |A| (dual-clip PPO, verl's default 3); 0: off, the paper's (default: %(default)s)")
 p.add_argument("--mask-truncated", action="store_true", help="completions cut off by --max-new-tokens leave the "
                "loss; their rewards still shape their group's advantages (TRL mask_truncated_completions)")
 p.add_argument("--drop-uniform-groups", action="store_true",
                help="leave out groups whose rewards are all equal (DAPO's dynamic sampling, without resampling)")
 p.add_argument("--verifier-types", default="digit,mcq,math,iou,open",
                help="train only on samples of these types (the paper's reward ablation: drop one, Table 5)")
-p.add_argument("--format-weight", type=float, default=0.0, help="weight of the strict format term (paper: 0)")
+p.add_argument("--format-weight", type=probability, default=0.0, help="weight of the strict format term (paper: 0)")
 p.add_argument("--reward-model", default=None, help="HF reward model for `open` samples (paper: "
                "internlm/internlm-xcomposer2d5-7b-reward); without it, open samples are dropped")
 p.add_argument("--trust-remote-code", action="store_true", help="allow the reward model's own code")
-p.add_argument("--open-beta", type=float, default=0.2, help="beta of the open-ended reward (ScoreRS: 0.2)")
+p.add_argument("--open-beta", type=positive_float, default=0.2, help="beta of the open-ended reward (ScoreRS: 0.2)")
 # optimisation
-p.add_argument("--lr", type=float, default=5e-6, help="peak LR (paper: not stated; 5e-6 if min LR is 0.1x)")
-p.add_argument("--min-lr", type=float, default=5e-7, help="cosine floor (paper LR2: 5e-7)")
-p.add_argument("--warmup-ratio", type=float, default=0.03, help="share of steps warming up (paper LR2: 3%%)")
-p.add_argument("--weight-decay", type=float, default=0.0)
-p.add_argument("--grad-clip", type=float, default=1.0)
-p.add_argument("--episodes", type=float, default=1.0, help="passes over the prompts (paper: 1, i.e. 49 steps)")
-p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --episodes)")
+p.add_argument("--lr", type=positive_float, default=5e-6, help="peak LR (paper: not stated; 5e-6 if min LR is 0.1x)")
+p.add_argument("--min-lr", type=nonneg_float, default=5e-7, help="cosine floor (paper LR2: 5e-7)")
+p.add_argument("--warmup-ratio", type=probability, default=0.03, help="share of steps warming up (paper LR2: 3%%)")
+p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
+p.add_argument("--grad-clip", type=positive_float, default=1.0)
+p.add_argument("--episodes", type=positive_float, default=1.0, help="passes over the prompts (paper: 1, i.e. 49 steps)")
+p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (overrides --episodes)")
 p.add_argument("--train-vision", action="store_true", help="train the vision tower too (default: frozen)")
 p.add_argument("--activation-checkpointing", action="store_true")
 p.add_argument("--ref-offload", action="store_true", help="keep the reference model in CPU memory (GPU)")
 # bookkeeping
-p.add_argument("--save-every", type=int, default=None,
+p.add_argument("--save-every", type=positive_int, default=None,
                help="resumable checkpoint every N steps (default: every ~10%% of the run); always on SIGTERM")
-p.add_argument("--log-rollouts-every", type=int, default=10, help="write sampled rollouts every N steps")
+p.add_argument("--log-rollouts-every", type=positive_int, default=10, help="write sampled rollouts every N steps")
 p.add_argument("--resume", action="store_true", help="continue this run from its last checkpoint in --out")
 p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds another run or this "
                "one already (its checkpoints, model and logs are deleted)")
-p.add_argument("--cache-size", type=int, default=2000, help="keep up to N encoded prompts (pixels and positions) "
-               "in memory for later episodes; 0 = encode every time")
+p.add_argument("--cache-size", type=nonneg_int, default=2000, help="keep up to N encoded prompts (pixels and "
+               "positions) in memory for later episodes; 0 = encode every time")
 p.add_argument("--eval-data", default=None, help="held-out records (with answer and verifier_type): greedy "
                "accuracy per verifier type is logged to metrics.jsonl as eval/... (sharded over ranks)")
-p.add_argument("--eval-every", type=int, default=0, help="evaluate --eval-data every N steps and at the end (0: off)")
-p.add_argument("--eval-max-new-tokens", type=int, default=None, help="(default: --max-new-tokens)")
-p.add_argument("--seed", type=int, default=0)
+p.add_argument("--eval-every", type=nonneg_int, default=0,
+               help="evaluate --eval-data every N steps and at the end (0: off)")
+p.add_argument("--eval-max-new-tokens", type=positive_int, default=None, help="(default: --max-new-tokens)")
+p.add_argument("--seed", type=nonneg_int, default=0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -335,7 +337,8 @@ def rollout_hf(model, prompts, group_size, args, pad_id, features=None):
 def load_rl_records(path, args, types, has_rm, tokenizer, image_processor, system, master):
     """The prompts 05 trains on: of the chosen verifier types, `open` ones only with a reward model (dropped
     with a count, never scored 0), and short enough for --max-prompt-length (never cut)."""
-    records = load_records(path, args.fmt, args.image_root, ("question", "answer", "verifier_type"), args.skip_bad)
+    records = load_records(path, args.fmt, args.image_root, ("question", "answer", "verifier_type"), args.skip_bad,
+                           os.path.join(args.out, "skipped.jsonl" if path == args.data else "skipped-eval.jsonl"))
     records = [r for r in records if r["verifier_type"] in types]
     kept = [r for r in records if r["verifier_type"] != "open" or has_rm]
     fit, too_long = qwen.fitting(kept, tokenizer, image_processor, args.max_prompt_length, system)
@@ -385,15 +388,11 @@ def update_policy(model, optimizer, params, micro_batches, batches, comp, loss_m
 
 
 def main(argv=None):
-    args = p.parse_args(argv)
+    args = flags.parse(p, argv, flags.check_grpo)  # a bad flag or combination stops here, naming it
     env = training.init_distributed()
     rank, world, device, master = env["rank"], env["world"], env["device"], env["master"]
-    if args.rollout_batch % world or args.train_batch % world:
-        raise SystemExit(f"--rollout-batch and --train-batch must be divisible by the number of ranks ({world})")
     rows_per_rank = args.rollout_batch // world * args.group_size
-    train_rows = args.train_batch // world  # completions per optimizer update on this rank
-    if rows_per_rank % train_rows:
-        raise SystemExit("--rollout-batch x --group-size must be a multiple of --train-batch")
+    train_rows = args.train_batch // world  # completions per optimizer update on this rank (divides rows_per_rank)
     torch.manual_seed(args.seed + rank)  # each rank samples its own completions
     args.max_pixels = qwen.training_max_pixels(args.model, args.max_pixels)  # the trainer's (and engine's)
 
@@ -547,4 +546,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    flags.cli(main)

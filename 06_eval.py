@@ -31,7 +31,6 @@ report.md.
 import argparse
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import sys
@@ -43,7 +42,7 @@ from typing import NamedTuple
 import torch
 
 import rewards
-from vlaa import backends, jsonl, judge_prompts, qwen, records, runs
+from vlaa import backends, flags, jsonl, judge_prompts, qwen, records, runs
 from vlaa import benchmarks as B
 from vlaa.openai_client import api_key_for
 
@@ -282,21 +281,21 @@ def parse_args(argv=None):
                    "field, text over 32,000 characters, image that does not decode) instead of stopping")
     p.add_argument("--data-dir", default=None, help="local copies instead of the hub (layout below); toy "
                    "without it: a toy test set is made in RUN_DIR/toy-data")
-    p.add_argument("--limit", type=int, default=None, help="first N questions per benchmark (DynaMath: N seeds "
+    p.add_argument("--limit", type=flags.positive_int, help="first N questions per benchmark (DynaMath: N seeds "
                    "with their variants, WeMath: N problems with their sub-problems) (default all)")
     p.add_argument("--backend", default="auto", choices=("auto", "vllm", "hf", "openai"), help="default auto: vllm on "
                    "a GPU when installed, else hf")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the preset's (800; vlmevalkit 2048)")
-    p.add_argument("--min-pixels", type=int, default=None, help="image resize floor (default: the preset's)")
-    p.add_argument("--max-pixels", type=int, default=None, help="image resize ceiling (default: the preset's); with "
+    p.add_argument("--max-new-tokens", type=flags.positive_int, help="default: the preset's (800; vlmevalkit 2048)")
+    p.add_argument("--min-pixels", type=flags.positive_int, help="image resize floor (default: the preset's)")
+    p.add_argument("--max-pixels", type=flags.positive_int, help="image resize ceiling (default: the preset's); with "
                    "--backend openai the server decides (--mm-processor-kwargs)")
     p.add_argument("--no-system-prompt", action="store_true", help="no system prompt. Default: VLAA-Thinker's, for "
                    "our 04/05 checkpoints and VLAA-Thinker (trained with it); pass this for base models such as "
                    "Qwen/Qwen2.5-VL-*-Instruct, which the leaderboard ran without one")
-    p.add_argument("--batch-size", type=int, default=None, help="questions per generate call and per flush to "
+    p.add_argument("--batch-size", type=flags.positive_int, help="questions per generate call and per flush to "
                    "predictions.jsonl (default 16 on hf; 512 on vllm/openai, which batch by themselves)")
     p.add_argument("--device", default=None, help="hf: device (default cuda if available, else cpu)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per engine (default 1)")
+    p.add_argument("--tensor-parallel-size", type=flags.positive_int, default=1, help="vllm: GPUs/engine (default 1)")
     p.add_argument("--base-url", default=None, help="openai: server URL(s), comma list (default $OPENAI_BASE_URL)")
     p.add_argument("--api-key-env", help="openai: env variable holding the key (default $OPENAI_API_KEY; none with "
                    "--base-url)")
@@ -305,7 +304,7 @@ def parse_args(argv=None):
     p.add_argument("--judge-model", default="gpt-4o-mini", help="judge model (default gpt-4o-mini, VLMEvalKit's)")
     p.add_argument("--judge-base-url", default=None, help="openai judge URL (default $OPENAI_BASE_URL)")
     p.add_argument("--judge-api-key-env", help="the judge's key: as --api-key-env, with --judge-base-url")
-    args = p.parse_args(argv)
+    args = flags.parse(p, argv, flags.check_pixels)
     for field, value in PRESETS[args.preset].items():
         if getattr(args, field) is None:
             setattr(args, field, value)
@@ -440,7 +439,7 @@ def generate(args, data, rules):
     from tqdm import tqdm
 
     path = os.path.join(args.out, "predictions.jsonl")
-    done, f, _ = jsonl.open_output(path)  # ids already answered; a torn last line is cut and redone
+    done, f, _ = jsonl.open_output(path, ("response",))  # ids answered; a torn or damaged line is redone
     todo = [(name, rec) for name, recs in data.items() for rec in recs if rec["qid"] not in done]
     if done and todo:
         print(f"{path}: {len(done)} answers already there, resuming")
@@ -562,9 +561,8 @@ def trace_stats(rows):
 # Reports and main
 
 
-def read_scores(run_dir):
-    with open(os.path.join(run_dir, "scores.json")) as f:  # a missing file: the error names it
-        return json.load(f)
+def read_scores(run_dir):  # missing or damaged: an InputError naming it
+    return jsonl.read_json(os.path.join(run_dir, "scores.json"), "rerun 06_eval.py with --out RUN_DIR", ("benchmarks",))
 
 
 def average_of_six(benchmarks):
@@ -656,7 +654,8 @@ def main(argv=None):
 
     data = {name: load_benchmark(name, rules[name], args, judge) for name in names}  # bad data fails first
     generate(args, data, rules)
-    responses = {r["id"]: r["response"] for r in jsonl.read_output(os.path.join(args.out, "predictions.jsonl"))[0]}
+    predictions = jsonl.read_output(os.path.join(args.out, "predictions.jsonl"), ("response",))[0]  # damaged: redone
+    responses = {r["id"]: r["response"] for r in predictions}
 
     path = os.path.join(args.out, "scores.json")
     scores = read_scores(args.out) if os.path.exists(path) else {"benchmarks": {}}  # other benchmarks stay
@@ -679,4 +678,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    flags.cli(main)

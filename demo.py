@@ -30,6 +30,7 @@ import statistics
 import time
 
 import toy
+from vlaa import flags
 
 caption, distill, verify, sft, grpo, evaluate = (importlib.import_module(m) for m in (
     "01_caption", "02_distill", "03_rewrite_verify", "04_sft", "05_grpo", "06_eval"))
@@ -259,11 +260,11 @@ def plot_rewards(results, path, smooth=10):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="output folder (default runs/demo; with --build-base the base's)")
-    ap.add_argument("--seeds", type=int, default=1, help="run the arms with seeds 0..N-1 (default 1)")
+    ap.add_argument("--seeds", type=flags.positive_int, default=1, help="run the arms with seeds 0..N-1 (default 1)")
     ap.add_argument("--base", default=BASE, help="the base checkpoint (default assets/toy-base)")
     ap.add_argument("--build-base", action="store_true", help="(re)build the base into --out and stop")
     ap.add_argument("--quick", action="store_true", help="a reduced size (seconds, not minutes): for tests")
-    args = ap.parse_args(argv)
+    args = flags.parse(ap, argv)
     if args.build_base:
         print(f"built the toy base in {build_base(args.out or BASE, args.quick)}")
         return
@@ -317,4 +318,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    flags.cli(main)

@@ -667,25 +667,26 @@ def make_teacher(role, options=None, **more):
 
 
 def main(argv=None):
+    from vlaa.flags import nonneg_int, parse, positive_int
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build-model", help="write a random Qwen2.5-VL (tokenizer, image processor) to OUT")
     b.add_argument("out", help="output folder")
     b.add_argument("--size", choices=sorted(SIZES), default="tiny", help="tiny (~0.2M params) or small (~0.9M)")
-    b.add_argument("--seed", type=int, default=0, help="weight init seed")
+    b.add_argument("--seed", type=nonneg_int, default=0, help="weight init seed")
     d = sub.add_parser("make-data", help="write OUT/images/, OUT/train.jsonl and OUT/test.jsonl")
     d.add_argument("out", help="output folder")
-    d.add_argument("--n", type=int, default=2000, help="training records (default 2000)")
-    d.add_argument("--test-n", type=int, default=200, help="test records (default 200)")
-    d.add_argument("--seed", type=int, default=0, help="data seed: the same seed writes the same bytes")
+    d.add_argument("--n", type=nonneg_int, default=2000, help="training records (default 2000)")
+    d.add_argument("--test-n", type=nonneg_int, default=200, help="test records (default 200)")
+    d.add_argument("--seed", type=nonneg_int, default=0, help="data seed: the same seed writes the same bytes")
     d.add_argument("--kinds", default=DEFAULT_MIX,
                    help=f"tasks with optional weights, from: {', '.join(TASKS)} (default {DEFAULT_MIX})")
-    d.add_argument("--size", type=int, default=112, help="image side in px (default 112: 16 image tokens)")
-    d.add_argument("--max-objects", type=int, default=4, help="count tasks draw 1..N objects (default 4)")
-    d.add_argument("--grid", type=int, default=4, help="the box task's grid per side (default 4: quarters)")
+    d.add_argument("--size", type=positive_int, default=112, help="image side in px (default 112: 16 image tokens)")
+    d.add_argument("--max-objects", type=positive_int, default=4, help="count tasks draw 1..N objects (default 4)")
+    d.add_argument("--grid", type=positive_int, default=4, help="the box task's grid per side (default 4: quarters)")
     d.add_argument("--shuffle-options", action="store_true", help="mcq options in random order (default fixed)")
     d.add_argument("--responses", action="store_true", help="add each record's direct answer as `response`")
-    args = p.parse_args(argv)
+    args = parse(p, argv)  # every number in its range, or a usage error naming the flag
     if args.cmd == "build-model":
         build_model(args.out, args.size, args.seed)
         print(f"wrote a random Qwen2.5-VL ({args.size}) to {args.out}")

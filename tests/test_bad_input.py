@@ -94,8 +94,8 @@ def test_a_request_the_server_refuses_is_a_bad_record_and_its_batch_is_kept(serv
     server = serve(rule=lambda p: 400 if "POISON" in p["messages"][-1]["content"] else None)
     out = str(tmp_path / "d.jsonl")
     argv = ["--in", src, "--out", out, "--backend", "openai", "--base-url", server.url, "--batch-size", "12"]
-    with pytest.raises(RuntimeError, match=r"in\.jsonl:6 \(id 'train-000005'\): openai backend: refused by "
-                                           r"http://127\.0\.0\.1:\d+/v1: HTTP 400: .*scripted 400"):
+    with pytest.raises(jsonl.InputError, match=r"in\.jsonl:6 \(id 'train-000005'\): openai backend: refused by "
+                                               r"http://127\.0\.0\.1:\d+/v1: HTTP 400: .*scripted 400"):
         distill.main(argv)
     assert len(rows(out)) == 11  # the batch's finished records are kept
     assert sum("POISON" in p for p in server.prompts()) == 1  # a refusal is not retried

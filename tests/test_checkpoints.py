@@ -84,8 +84,8 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path, saved, tiny_model_dir):
     _, good, _ = saved
 
     def crafted(name, files, copy_good=True):
-        """A complete-looking ckpt-1 in its own OUT: the good checkpoint's files, then `files` written over."""
-        folder = tmp_path / name / "checkpoints" / "ckpt-1"
+        """A complete-looking ckpt-2 in its own OUT: the good checkpoint's files, then `files` written over."""
+        folder = tmp_path / name / "checkpoints" / "ckpt-2"
         folder.mkdir(parents=True)
         for f in os.listdir(good) if copy_good else ["DONE"]:
             (folder / f).write_bytes(open(os.path.join(good, f), "rb").read())

@@ -260,7 +260,7 @@ def test_a_missing_image_names_file_line_and_path_or_is_skipped_and_counted(tmp_
 
     stats = caption.main(argv + ["--skip-bad"])
     assert stats["written"] == 3 and len(stats["bad"]) == 1 and "nowhere.png" in stats["bad"][0]
-    assert "skipped 1 bad records" in capsys.readouterr().out
+    assert "skipped 1 bad record(s)" in capsys.readouterr().out
 
 
 def test_a_gold_answer_the_verifier_cannot_read_is_an_error(tmp_path, captioned):

@@ -314,6 +314,7 @@ def test_with_skip_bad_a_bad_row_is_counted_and_leaves_no_image(tmp_path, case, 
     assert [r["id"] for r in records(out)] == [f"{name}-0000000", f"{name}-0000002"]
     assert len(os.listdir(out.parent / "images" / name)) == len({r["image"] for r in records(out)})
     assert "1 bad" in capsys.readouterr().out
+    assert [r["reason"] for r in records(out.parent / "out.skipped.jsonl")] == stats["bad"]  # --skip-bad says why
 
 
 def test_a_field_of_another_name_is_an_error_listing_the_fields_present(tmp_path):

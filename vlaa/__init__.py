@@ -12,6 +12,7 @@
     qwen         the Qwen2.5-VL layer: system prompt, encoding, batching, loading, sampling
     backends     generation for the data stages and eval: hf, toy, vllm (openai in openai_client)
     datastage    the loop and flags the data stages share
+    flags        every stage's command line: numeric flag ranges, refused combinations, one-line errors
     training     torchrun, FSDP2, the LR schedule, metrics (04 and 05)
     checkpoints  resumable checkpoints and the Hugging Face export (04 and 05)
     runs         what a run folder was made by, so nothing is reused from another run

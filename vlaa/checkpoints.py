@@ -18,7 +18,7 @@ import shutil
 
 import torch
 
-from vlaa.jsonl import write_json
+from vlaa.jsonl import InputError, read_json, write_json
 
 CKPT_DIR = re.compile(r"ckpt-(\d+)")
 IMPLEMENTATION_FLAGS = {"params", "foreach", "fused", "capturable", "differentiable"}  # not the run's settings
@@ -191,16 +191,16 @@ def _read_tensors(path):
     try:
         return load_file(path, device="cpu")
     except (SafetensorError, ValueError, OSError) as e:
-        raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
+        raise InputError(f"{path}: not a valid safetensors file ({e})") from None
 
 
 def _take(tensors, key, like, path):
     """The saved tensor `key`, checked to match `like` (this rank's shard) in shape and dtype."""
     if key not in tensors:
-        raise ValueError(f"{path}: no tensor {key!r}: the checkpoint is of another model or configuration")
+        raise InputError(f"{path}: no tensor {key!r}: the checkpoint is of another model or configuration")
     t = tensors.pop(key)
     if t.shape != like.shape or t.dtype != like.dtype:
-        raise ValueError(f"{path}: {key!r} is {t.dtype}{list(t.shape)}, this rank holds "
+        raise InputError(f"{path}: {key!r} is {t.dtype}{list(t.shape)}, this rank holds "
                          f"{like.dtype}{list(like.shape)}: the checkpoint is of another model or configuration")
     return t
 
@@ -209,7 +209,7 @@ def _check_world(folder, trainer):
     world = _world()
     saved = trainer.get("world")
     if saved != world:
-        raise ValueError(f"{folder} was written by {saved} rank(s); this run has {world}. Resume with the same "
+        raise InputError(f"{folder} was written by {saved} rank(s); this run has {world}. Resume with the same "
                          f"number of ranks: resharding a checkpoint to another world size is not supported.")
 
 
@@ -218,7 +218,7 @@ def _restore_optimizer(optimizer, model, tensors, meta, file):
     it to torch's own load_state_dict, which puts each value where this optimizer keeps it."""
     groups = _param_names(model, optimizer)
     if meta["param_groups"] != groups:
-        raise ValueError(f"{file}: the optimizer's parameters differ from the checkpoint's (another "
+        raise InputError(f"{file}: the optimizer's parameters differ from the checkpoint's (another "
                          "--train-vision or model?)")
     params = dict(model.named_parameters())
     index = {n: i for i, n in enumerate(n for g in groups for n in g)}
@@ -226,11 +226,11 @@ def _restore_optimizer(optimizer, model, tensors, meta, file):
     for k in [k for k in tensors if k.startswith("optim/")]:
         name, _, key = k[len("optim/"):].rpartition("/")
         if name not in index:
-            raise ValueError(f"{file}: optimizer state {k!r} of a parameter the optimizer does not hold")
+            raise InputError(f"{file}: optimizer state {k!r} of a parameter the optimizer does not hold")
         if key == "step":  # a scalar count
             value = tensors.pop(k)
             if value.dim() != 0 or not value.is_floating_point():
-                raise ValueError(f"{file}: {k!r} is not a scalar step count")
+                raise InputError(f"{file}: {k!r} is not a scalar step count")
         else:  # a DTensor like its parameter (same mesh and placements), this rank's shard filled in
             value = torch.zeros_like(params[name])
             _local(value).copy_(_take(tensors, k, _local(value), file))
@@ -247,19 +247,32 @@ def _rank_meta(path, rank):
     groups, hyper = meta.get("param_groups"), meta.get("hyperparameters")
     if not (isinstance(groups, list) and isinstance(hyper, list) and len(groups) == len(hyper)
             and all(isinstance(h, dict) for h in hyper)):
-        raise ValueError(f"{path}/rank-{rank}.json is missing or not a checkpoint's rank file")
+        raise InputError(f"{path}/rank-{rank}.json is missing or not a checkpoint's rank file")
     return meta
+
+
+def read_trainer(path):
+    """A checkpoint's trainer.json, checked: its step is the folder's (ckpt-STEP, at least 1) and its world a
+    number of ranks. Missing, damaged or impossible: an InputError naming the file and what to do."""
+    fix = (f"not a checkpoint of this format, or a damaged one: delete {path} to resume from the one before it, "
+           "or start again with --overwrite (torch.distributed.checkpoint folders are not read: their .metadata is "
+           "a pickle)")
+    file = os.path.join(path, "trainer.json")
+    trainer = read_json(file, fix, need=("step", "world"))
+    m = CKPT_DIR.fullmatch(os.path.basename(os.path.normpath(path)))
+    for key, ok in (("step", lambda v: m is None or v == int(m.group(1))), ("world", lambda v: True)):
+        value = trainer[key]
+        if not (type(value) is int and value >= 1 and ok(value)):
+            raise InputError(f"{file}: {key} {value!r} is impossible here; {fix}")
+    return trainer
 
 
 def load_checkpoint(path, model, optimizer, rank=0):
     """Restore what save_checkpoint wrote into this rank's shards, in place; returns trainer.json (step, data
     position, ...). Executes nothing from the folder: only this rank's .safetensors and the JSON are read."""
     if not os.path.exists(os.path.join(path, "DONE")):
-        raise ValueError(f"{path} has no DONE file: an incomplete checkpoint (its writer stopped mid-save)")
-    trainer = _read_json(os.path.join(path, "trainer.json"))
-    if trainer is None or not isinstance(trainer.get("step"), int) or not isinstance(trainer.get("world"), int):
-        raise ValueError(f"{path} is not a checkpoint of this format (trainer.json without step and world). "
-                         "Folders of torch.distributed.checkpoint are not read: their .metadata is a pickle.")
+        raise InputError(f"{path} has no DONE file: an incomplete checkpoint (its writer stopped mid-save)")
+    trainer = read_trainer(path)
     _check_world(path, trainer)
     meta = _rank_meta(path, rank)
     file = os.path.join(path, f"rank-{rank}.safetensors")
@@ -273,7 +286,7 @@ def load_checkpoint(path, model, optimizer, rank=0):
         torch.cuda.set_rng_state(_take(tensors, "rng/cuda", torch.cuda.get_rng_state(), file))  # run's is moot
     tensors.pop("rng/cuda", None)
     if tensors:
-        raise ValueError(f"{file}: tensors this model does not have: {sorted(tensors)[:5]}")
+        raise InputError(f"{file}: tensors this model does not have: {sorted(tensors)[:5]}")
     return trainer
 
 

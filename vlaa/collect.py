@@ -18,11 +18,11 @@ import json
 import os
 
 from vlaa.images import load_image
-from vlaa.jsonl import append_jsonl, open_output, read_jsonl
-from vlaa.records import check_record
+from vlaa.jsonl import InputError, append_jsonl, open_output, parse_json, read_jsonl
+from vlaa.records import check_record, report_skipped, skipped_path
 
 
-class BadRow(ValueError):
+class BadRow(InputError):
     """A row that cannot become a record; the message names the field."""
 
 
@@ -37,8 +37,15 @@ def local_rows(path):
     with open(path, "rb") as f:
         is_array = f.read(1024).lstrip().startswith(b"[")
     if is_array:
-        with open(path, encoding="utf-8") as f:
-            yield from json.load(f)
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            items, why = parse_json(data.decode("utf-8"), path)  # nested too deeply: named, not a crash
+        except UnicodeDecodeError as e:
+            items, why = None, f"{path}: not UTF-8 (byte {e.start})"
+        if why:
+            raise InputError(why)
+        yield from items
     else:
         yield from (rec for _, rec in read_jsonl(path))
 
@@ -185,7 +192,6 @@ def collect(convert, name, out, rows, origin, image_root=None, limit=None, skip_
                 if not skip_bad:
                     raise BadRow(message) from None
                 stats["bad"].append(message)
-                tqdm.write(f"skipped bad row: {message}")
                 continue
             seen.add(rec["image"])
             append_jsonl(f, rec)
@@ -202,8 +208,7 @@ def report(name, out, stats):
     print(f"vlaa.sources {name}: {stats['written']} written, {stats['done_before']} already done, "
           f"{len(stats['bad'])} bad, {stats['duplicates']} duplicate images, {stats['other_kind']} of another kind "
           f"-> {out}")
-    if stats["bad"]:
-        print(f"  bad rows are left out (--skip-bad); a rerun retries them. First: {stats['bad'][0]}")
+    report_skipped(stats["bad"], f"vlaa.sources {name} (a rerun retries them)", skipped_path(out))
     print(f"  {'source':<16} {'verifier':<8} {'records':>8}")
     for source, by_type in stats["counts"].items():
         for vtype, n in sorted(by_type.items()):

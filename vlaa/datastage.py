@@ -8,18 +8,18 @@
 The contract every data stage keeps: re-running the same command resumes (ids already in OUT are
 skipped, a torn last line is redone, a damaged line in the middle is kept and its record redone and
 counted); nothing is lost when killed; a bad record stops the stage before any model call, naming file,
-line, id and field, or with --skip-bad is counted and reported. A request the backend could not do (the
-backends' on_error="return") stops the stage after its batch's other records are written, or with
---skip-bad is counted the same way.
+line, id and field, or with --skip-bad is left out, its reason listed in OUT.skipped.jsonl. A request the
+backend could not do (the backends' on_error="return") stops the stage after its batch's other records are
+written, or with --skip-bad is left out the same way.
 """
 
-import argparse
 import functools
 import itertools
 import os
 
-from vlaa.jsonl import append_jsonl, open_output, read_jsonl
-from vlaa.records import check_record, checked_records
+from vlaa.flags import fraction, nonneg_float, nonneg_int, positive_float, positive_int
+from vlaa.jsonl import InputError, append_jsonl, open_output, read_jsonl
+from vlaa.records import check_record, checked_records, report_skipped, skipped_path
 
 
 def relocate_image(rec, from_dir, to_dir):
@@ -56,7 +56,8 @@ def run_stage(in_path, out_path, process, prepare=None, need=("id",), batch_size
     batch's other records are still written; the failure stops the stage, or with skip_bad is counted).
     `rec["image"]` is absolute while it is prepared and processed, and written relative to OUT's folder,
     so it still resolves wherever OUT lives.
-    Returns {"total", "done_before", "written", "bad": [message, ...], "damaged_lines"}.
+    Returns {"total", "done_before", "written", "bad": [message, ...], "damaged_lines"}; the bad messages are
+    also written to skipped_path(OUT), and the first few printed.
     """
     from tqdm import tqdm
 
@@ -80,7 +81,6 @@ def run_stage(in_path, out_path, process, prepare=None, need=("id",), batch_size
                     if not skip_bad:
                         raise
                     stats["bad"].append(str(e))
-                    tqdm.write(f"skipped bad record: {e}")
             outs = process(items) if items else []
             if len(outs) != len(items):
                 raise RuntimeError(f"process returned {len(outs)} records for {len(items)} inputs")
@@ -93,29 +93,13 @@ def run_stage(in_path, out_path, process, prepare=None, need=("id",), batch_size
                 stats["written"] += 1
             bar.update(len(chunk))
             if failed and not skip_bad:  # the batch's finished records are on disk; a rerun redoes the rest
-                raise RuntimeError(f"{len(failed)} record(s) failed, first: {failed[0]} (--skip-bad counts them)")
-            for msg in failed:
-                stats["bad"].append(msg)
-                tqdm.write(f"skipped failed record: {msg}")
-    if stats["bad"]:
-        print(f"{in_path}: skipped {len(stats['bad'])} bad records (--skip-bad); a rerun retries them")
+                raise InputError(f"{len(failed)} record(s) failed, first: {failed[0]} (--skip-bad counts them)")
+            stats["bad"] += failed
+    report_skipped(stats["bad"], f"{in_path} (a rerun retries them)", skipped_path(out_path))
     return stats
 
 
 # --- command-line flags every data stage shares
-
-
-def _at_least(kind, low, above=False):
-    """An argparse type: a `kind` >= low (> low with above), so a bad flag is a usage error, not a crash later."""
-    def parse(text):
-        value = kind(text)
-        if not (value > low if above else value >= low):  # also refuses nan
-            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {low}, got {text}")
-        return value
-    return parse
-
-
-POSITIVE_INT, POSITIVE_FLOAT, COUNT = _at_least(int, 0, above=True), _at_least(float, 0, above=True), _at_least(int, 0)
 
 
 def add_generation_args(parser, batch_size=64, max_new_tokens=1024, temperature=0.0, top_p=1.0):
@@ -130,33 +114,33 @@ def add_generation_args(parser, batch_size=64, max_new_tokens=1024, temperature=
     g.add_argument("--api-key-env", default=None,
                    help="openai: name of the environment variable holding the API key, sent to --base-url "
                         "(default: $OPENAI_API_KEY, sent only when --base-url is not given; 06's rule)")
-    g.add_argument("--concurrency", type=POSITIVE_INT, default=16,
+    g.add_argument("--concurrency", type=positive_int, default=16,
                    help="openai: requests in flight (default: %(default)s)")
-    g.add_argument("--timeout", type=POSITIVE_FLOAT, default=600.0,
+    g.add_argument("--timeout", type=positive_float, default=600.0,
                    help="openai: seconds one attempt of a request may take in all, connect to last byte "
                         "(default: %(default)s)")
-    g.add_argument("--retries", type=COUNT, default=5,
+    g.add_argument("--retries", type=nonneg_int, default=5,
                    help="openai: more attempts of a request, each on the next server, after connection errors, "
                         "timeouts, 408, 429, 5xx and empty completions (default: %(default)s)")
-    g.add_argument("--tensor-parallel-size", type=POSITIVE_INT, default=1,
+    g.add_argument("--tensor-parallel-size", type=positive_int, default=1,
                    help="vllm: GPUs one engine spans (8 for a 72B model) (default: %(default)s)")
-    g.add_argument("--max-model-len", type=int, default=None,
+    g.add_argument("--max-model-len", type=positive_int, default=None,
                    help="vllm: context length; None keeps the model's (default: %(default)s)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+    g.add_argument("--gpu-memory-utilization", type=fraction, default=None,
                    help="vllm: share of each GPU's memory the engine may take (default: 0.9 on GPU; on CPU, "
                         "where vLLM reads it as a share of host RAM that must also hold this process, a fixed "
                         "1 GiB KV cache instead)")
-    g.add_argument("--max-pixels", type=int, default=None,
+    g.add_argument("--max-pixels", type=positive_int, default=None,
                    help="hf/vllm: resize images to at most this many pixels (default: the model's setting)")
-    g.add_argument("--batch-size", type=POSITIVE_INT, default=batch_size,
+    g.add_argument("--batch-size", type=positive_int, default=batch_size,
                    help="records per backend call, appended to the output after each; with openai, make it "
                         "several times --concurrency (default: %(default)s)")
-    g.add_argument("--limit", type=COUNT, default=None, help="only the first N input records (default: all)")
-    g.add_argument("--max-new-tokens", type=POSITIVE_INT, default=max_new_tokens,
+    g.add_argument("--limit", type=nonneg_int, default=None, help="only the first N input records (default: all)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens,
                    help="the longest completion, in tokens (default: %(default)s)")
-    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy (default: %(default)s)")
-    g.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    g.add_argument("--temperature", type=nonneg_float, default=temperature, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=fraction, default=top_p, help="nucleus sampling (default: %(default)s)")
+    g.add_argument("--seed", type=nonneg_int, default=0, help="sampling seed (default: %(default)s)")
     g.add_argument("--skip-bad", action="store_true",
                    help="count and report bad records (bad field, image or a request the backend cannot do) "
                         "instead of stopping; a rerun retries them")

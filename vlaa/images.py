@@ -26,6 +26,8 @@ qwen-vl-utils only); we do what a viewer does for every mode PIL opens:
 
 import os
 
+from vlaa.jsonl import InputError
+
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # decompression-bomb guard: refuse images above 64 Mpx
 MAX_ASPECT_RATIO = 200  # Qwen2.5-VL's resize refuses thinner images (smart_resize raises above 200:1)
 ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
@@ -50,22 +52,22 @@ def load_image(image, where=""):
     if not os.path.exists(image):
         raise FileNotFoundError(f"{prefix}image not found: {image}")
     if not os.path.isfile(image):  # a directory, a device, a pipe (reading one could block forever)
-        raise ValueError(f"{prefix}not an image: {image} (not a regular file)")
+        raise InputError(f"{prefix}not an image: {image} (not a regular file)")
     try:
         im = Image.open(image)  # reads only the header
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{prefix}not an image: {image} ({e})") from None
+        raise InputError(f"{prefix}not an image: {image} ({e})") from None
     with im:
         w, h = im.size
         if w * h > MAX_IMAGE_PIXELS:
-            raise ValueError(f"{prefix}image too large ({w}x{h} px, limit {MAX_IMAGE_PIXELS} px): {image}")
+            raise InputError(f"{prefix}image too large ({w}x{h} px, limit {MAX_IMAGE_PIXELS} px): {image}")
         if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
-            raise ValueError(f"{prefix}image too thin ({w}x{h} px, aspect ratio limit {MAX_ASPECT_RATIO}): {image}")
+            raise InputError(f"{prefix}image too thin ({w}x{h} px, aspect ratio limit {MAX_ASPECT_RATIO}): {image}")
         try:
             im.load()  # every pixel: a file cut short ("image file is truncated") fails here
             return to_rgb(ImageOps.exif_transpose(im))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise ValueError(f"{prefix}unreadable image {image}: {e}") from None
+            raise InputError(f"{prefix}unreadable image {image}: {e}") from None
 
 
 def to_rgb(im):

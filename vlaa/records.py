@@ -21,7 +21,7 @@ import re
 
 from vlaa.answers import gold_error
 from vlaa.images import check_image
-from vlaa.jsonl import read_jsonl
+from vlaa.jsonl import InputError, parse_json, read_jsonl, write_jsonl
 
 # paper (§4.1, Fig. 4): five verifiers, one per kind of answer
 VERIFIER_TYPES = ("digit", "mcq", "math", "iou", "open")
@@ -50,7 +50,7 @@ def has_aha(text, words=AHA_WORDS):
 def normalize_verifier(value, where):
     v = VERIFIER_ALIASES.get(str(value).strip().lower())
     if v is None:
-        raise ValueError(f"{where}: unknown verifier_type {value!r}; known: {', '.join(VERIFIER_TYPES)} "
+        raise InputError(f"{where}: unknown verifier_type {value!r}; known: {', '.join(VERIFIER_TYPES)} "
                          f"(aliases: {', '.join(sorted(VERIFIER_ALIASES))})")
     return v
 
@@ -59,7 +59,7 @@ def require(rec, fields, where):
     """Check that `rec` has every field, non-empty; `where` is 'file:line' for the message."""
     for f in fields:
         if rec.get(f) in (None, ""):
-            raise ValueError(f"{where}: missing field '{f}' (record has: {', '.join(sorted(rec)) or 'nothing'})")
+            raise InputError(f"{where}: missing field '{f}' (record has: {', '.join(sorted(rec)) or 'nothing'})")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def _as_text(rec, field, where):
     elif field == "answer" and isinstance(v, list) and len(v) == 4 and all(isinstance(x, (int, float)) for x in v):
         rec[field] = "[" + ", ".join(str(x) for x in v) + "]"  # a box given as a JSON list
     else:
-        raise ValueError(f"{where}: field '{field}' must be a string, got {type(v).__name__}")
+        raise InputError(f"{where}: field '{field}' must be a string, got {type(v).__name__}")
 
 
 def _quote(text, limit=80):
@@ -87,7 +87,7 @@ def _quote(text, limit=80):
 
 def check_record(rec, where, need=(), image_root=None, gold=True, check_images=True):
     """Validate one record in place (types, required fields, verifier type, gold answer, question length,
-    and with check_images the image, decoded in full, `image` made absolute against image_root). Raises ValueError
+    and with check_images the image, decoded in full, `image` made absolute against image_root). Raises InputError
     or FileNotFoundError naming where and the id."""
     _as_text(rec, "id", where)
     if rec.get("id") not in (None, ""):
@@ -97,15 +97,15 @@ def check_record(rec, where, need=(), image_root=None, gold=True, check_images=T
     require(rec, need, where)
     if rec.get("choices") is not None and not (isinstance(rec["choices"], list)
                                                and all(isinstance(c, (str, int, float)) for c in rec["choices"])):
-        raise ValueError(f"{where}: field 'choices' must be a list of strings")
+        raise InputError(f"{where}: field 'choices' must be a list of strings")
     if len(rec.get("question") or "") > MAX_QUESTION_CHARS:
-        raise ValueError(f"{where}: field 'question' is {len(rec['question'])} characters (limit {MAX_QUESTION_CHARS})")
+        raise InputError(f"{where}: field 'question' is {len(rec['question'])} characters (limit {MAX_QUESTION_CHARS})")
     if rec.get("verifier_type") not in (None, ""):
         rec["verifier_type"] = normalize_verifier(rec["verifier_type"], f"{where}: field 'verifier_type'")
         if gold and rec.get("answer") not in (None, ""):
             why = gold_error(rec)
             if why:
-                raise ValueError(f"{where}: field 'answer': {why}")
+                raise InputError(f"{where}: field 'answer': {why}")
     if check_images and rec.get("image") not in (None, ""):
         root = image_root or "."
         rec["image"] = rec["image"] if os.path.isabs(rec["image"]) else os.path.join(root, rec["image"])
@@ -123,7 +123,7 @@ def checked_records(path, rows, check, bad=None, unique=True):
         try:
             rec = check(rec, where)
             if unique and rec["id"] in seen:
-                raise ValueError(f"{where}: duplicate id {rec['id']!r}")
+                raise InputError(f"{where}: duplicate id {rec['id']!r}")
         except (ValueError, FileNotFoundError) as e:
             if bad is None:
                 raise
@@ -140,18 +140,42 @@ def check_benchmark_row(rec, where, fields, image_fields=("image",), root="."):
     the row with that path, made absolute against root, in `image`; errors name where and the field."""
     missing = [f for f in fields if f not in rec]
     if missing:
-        raise ValueError(f"{where}: missing field '{missing[0]}' (record has: {', '.join(sorted(rec))})")
+        raise InputError(f"{where}: missing field '{missing[0]}' (record has: {', '.join(sorted(rec))})")
     for field, value in rec.items():
         items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
         chars = sum(len(str(v)) for v in items)
         if chars > MAX_QUESTION_CHARS:  # any of them may go into the prompt
-            raise ValueError(f"{where}: field '{field}' is {chars} characters (limit {MAX_QUESTION_CHARS})")
+            raise InputError(f"{where}: field '{field}' is {chars} characters (limit {MAX_QUESTION_CHARS})")
     field = next((f for f in image_fields if isinstance(rec.get(f), str) and rec[f]), None)
     if field is None:
-        raise ValueError(f"{where}: missing field 'image' (a path in {' or '.join(map(repr, image_fields))})")
+        raise InputError(f"{where}: missing field 'image' (a path in {' or '.join(map(repr, image_fields))})")
     image = rec[field] if os.path.isabs(rec[field]) else os.path.join(root, rec[field])
     check_image(image, f"{where}: field '{field}'")
     return rec | {"image": image}
+
+
+SHOWN_SKIPPED = 5  # reasons printed; the file holds all of them
+
+
+def skipped_path(out_path):
+    """Where --skip-bad lists every skipped record and why for an output file: OUT.jsonl -> OUT.skipped.jsonl."""
+    return os.path.splitext(out_path)[0] + ".skipped.jsonl"
+
+
+def report_skipped(bad, source, skipped_path=None):
+    """--skip-bad says why: the count and the first reasons on the console, every reason in skipped_path (JSONL,
+    {"reason": ...} a line, written anew each run; removed when nothing was skipped, so it never speaks of an
+    older run)."""
+    if skipped_path and not bad and os.path.exists(skipped_path):
+        os.remove(skipped_path)
+    if not bad:
+        return
+    if skipped_path:
+        write_jsonl(skipped_path, [{"reason": why} for why in bad])
+    more = f"\n  ... and {len(bad) - SHOWN_SKIPPED} more" if len(bad) > SHOWN_SKIPPED else ""
+    print(f"{source}: skipped {len(bad)} bad record(s) (--skip-bad)"
+          + (f", every reason in {skipped_path}" if skipped_path else "") + ":\n  "
+          + "\n  ".join(bad[:SHOWN_SKIPPED]) + more)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -161,23 +185,23 @@ def check_benchmark_row(rec, where, fields, image_fields=("image",), root="."):
 def _iter_json_or_jsonl(path, bad=None):
     """The released `.json` files are JSONL despite the extension; accept a JSON array too. Unreadable
     lines are errors, or with a `bad` list counted there (see read_jsonl)."""
-    import json
-
     with open(path, "rb") as f:
         head = f.read(1024).lstrip()
     if not head.startswith(b"["):
         yield from read_jsonl(path, bad)
         return
-    with open(path, encoding="utf-8", errors="strict") as f:
+    with open(path, "rb") as f:
         try:
-            items = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: bad JSON array ({e})") from None
+            items, why = parse_json(f.read().decode("utf-8"), path)
+        except UnicodeDecodeError as e:
+            items, why = None, f"{path}: not UTF-8 (byte {e.start})"
+    if why:
+        raise InputError(why.replace("bad JSON", "bad JSON array", 1))
     for i, rec in enumerate(items, 1):
         if isinstance(rec, dict):
             yield i, rec
         elif bad is None:
-            raise ValueError(f"{path}: item {i}: expected a JSON object")
+            raise InputError(f"{path}: item {i}: expected a JSON object")
         else:
             bad.append(f"{path}: item {i}: expected a JSON object")
 
@@ -199,18 +223,18 @@ def _from_released(rec, where):
     else:  # GRPO file: the ground truth is in `gt` (or `answer`)
         gold = rec.get("gt") or answer or None
     if gold in (None, ""):
-        raise ValueError(f"{where}: no ground truth: looked in 'gt', 'answer' and the <answer> block of 'answer'")
+        raise InputError(f"{where}: no ground truth: looked in 'gt', 'answer' and the <answer> block of 'answer'")
     out["answer"] = gold if isinstance(gold, (list, int, float)) else str(gold)
     return out
 
 
-def load_records(path, fmt="auto", image_root=None, need=("question", "answer"), skip_bad=False):
+def load_records(path, fmt="auto", image_root=None, need=("question", "answer"), skip_bad=False, skipped=None):
     """Read a data file into a list of validated records in our schema, with `image` made absolute.
 
     fmt: "ours", "vlaa" (the released VLAA-Thinking SFT/GRPO files) or "auto" (released when a record
     has `gt` or a `<think>` inside `answer`). Images resolve against `image_root`, else the file's
     folder. A bad record stops the load naming file, line, id and field; with skip_bad it is left out
-    and counted (the count and the first reasons are printed).
+    and counted (report_skipped: the first reasons printed, all of them in the file `skipped`, if given).
     """
     root = image_root or os.path.dirname(os.path.abspath(path))
 
@@ -224,8 +248,7 @@ def load_records(path, fmt="auto", image_root=None, need=("question", "answer"),
     bad = []
     rows = _iter_json_or_jsonl(path, bad if skip_bad else None)
     records = [rec for _, rec in checked_records(path, rows, ours, bad if skip_bad else None)]
-    if bad:
-        print(f"{path}: skipped {len(bad)} bad record(s) (--skip-bad); first: {bad[0]}")
+    report_skipped(bad, path, skipped)
     return records
 
 
@@ -238,6 +261,5 @@ def load_benchmark_rows(path, fields, image_fields=("image",), keep=None, skip_b
     rows = ((i, rec) for i, rec in read_jsonl(path, bad if skip_bad else None) if keep is None or keep(rec))
     check = functools.partial(check_benchmark_row, fields=fields, image_fields=image_fields, root=root)
     found = [rec for _, rec in checked_records(path, rows, check, bad if skip_bad else None, unique=False)]
-    if bad:
-        print(f"{path}: skipped {len(bad)} bad record(s) (--skip-bad); first: {bad[0]}")
+    report_skipped(bad, path)
     return found

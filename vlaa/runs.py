@@ -19,9 +19,10 @@ import json
 import os
 import shutil
 
-from vlaa.jsonl import write_json
+from vlaa.jsonl import InputError, read_json, write_json
 
 RUN_FILE = "run.json"
+FIX_RUN_FILE = "it says what made the outputs there; use another --out, or --overwrite to delete them and start again"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
@@ -89,8 +90,7 @@ def claim_run(out, identity, resume=True, overwrite=False, outputs=()):
             else:
                 os.remove(target)
     elif os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
+        old = read_json(path, FIX_RUN_FILE)  # damaged: named, never taken for a different run
         differ = _differences(old, identity)
         if not differ:
             if not resume:
@@ -152,8 +152,7 @@ def start_or_resume(out, identity, resume, overwrite, total_steps, env, model, o
         if resume and not os.path.exists(found):
             raise SystemExit(f"--resume: {out} holds no run to resume; start it without --resume")
         if not overwrite and os.path.exists(found):
-            with open(found) as f:
-                stage = json.load(f).get("stage")
+            stage = read_json(found, FIX_RUN_FILE).get("stage")
             if stage != identity["stage"]:  # another stage's folder: say that, not every flag that differs
                 raise SystemExit(f"{out} holds a {stage} run, not a {identity['stage']} one; use another --out")
         if env["master"]:
@@ -163,14 +162,13 @@ def start_or_resume(out, identity, resume, overwrite, total_steps, env, model, o
             if ckpt is None:
                 raise SystemExit(f"--resume: {out} has no complete checkpoint of this run; start it without --resume "
                                  "(with --overwrite to clear the folder)")
-            with open(os.path.join(ckpt, "trainer.json")) as f:
-                step = json.load(f)["step"]
+            step = checkpoints.read_trainer(ckpt)["step"]  # missing, damaged or an impossible step: named
             if step >= total_steps:
                 raise SystemExit(f"--resume: the run in {out} is already at step {step} of {total_steps}; raise "
                                  "--max-steps to train further, or --overwrite to start again")
             if env["master"]:
                 cut_logs(out, step, logs)
-    except SystemExit as e:
+    except (SystemExit, InputError) as e:  # every rank stops, and says why once
         error = e
     _all_ranks_agree(error, env["world"], env["device"])
     if ckpt is None:
@@ -188,4 +186,5 @@ def cut_logs(out, step, logs):
     for name in logs:
         path = os.path.join(out, name)
         if os.path.exists(path):  # a torn or damaged line is dropped with the rest of what comes after `step`
-            write_jsonl(path, [r for _, r in read_jsonl(path, bad=[]) if r.get("step", 0) <= step])
+            write_jsonl(path, [r for _, r in read_jsonl(path, bad=[]) if isinstance(r.get("step"), int)
+                               and r["step"] <= step])

@@ -26,6 +26,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from vlaa import flags
 from vlaa.answers import read_box, read_integer, read_option
 from vlaa.collect import BadRow, collect, hub_rows, local_rows, report
 
@@ -249,11 +250,11 @@ def parse_args(argv=None):
     p.add_argument("--captions", default=None,
                    help="rows of the same form whose answers caption the same images (ALLaVA's "
                         "ALLaVA-Caption-LAION-4V.json): reused as `caption`, which 01 keeps (paper §2 #2)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N rows (default: all)")
+    p.add_argument("--limit", type=flags.nonneg_int, default=None, help="only the first N rows (default: all)")
     p.add_argument("--unique-images", action="store_true",
                    help="keep the first row of each image and count the others (paper §2 #1)")
     p.add_argument("--skip-bad", action="store_true", help="count and report bad rows instead of stopping")
-    return p.parse_args(argv)
+    return flags.parse(p, argv)
 
 
 def main(argv=None):
@@ -278,4 +279,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    flags.cli(main)

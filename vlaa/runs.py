@@ -105,13 +105,33 @@ def claim_run(out, identity, resume=True, overwrite=False, outputs=()):
     write_json(path, identity)
 
 
+def check_inputs(args, files=(), paths=(), folders=(), models=()):
+    """Every input path a stage was given, checked before any model loads: a missing one stops the stage with
+    one line naming the flag and the path, not a traceback after the models load. Each argument lists flag
+    names (args attributes): files must be files, paths files or folders, folders folders, models a folder or
+    a hub id (org/name whose first part is not a local folder: the hub checks those when they load)."""
+    kinds = [(files, os.path.isfile, "file"), (paths, os.path.exists, "file or folder"),
+             (folders, os.path.isdir, "folder"), (models, os.path.isdir, "model folder")]
+    for names, ok, what in kinds:
+        for name in names:
+            path = getattr(args, name, None)
+            if path in (None, "") or ok(path):
+                continue
+            parts = path.split("/")
+            if names is models and len(parts) == 2 and not path.startswith((".", "/")) and not os.path.isdir(parts[0]):
+                continue  # a hub id such as Qwen/Qwen2.5-VL-3B-Instruct
+            flag = "--" + {"inp": "in"}.get(name, name).replace("_", "-")
+            found = "is not a " + what if os.path.exists(path) else "does not exist"
+            raise SystemExit(f"{flag} {path}: {found} (a {what} was expected; nothing was loaded)")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training runs (04 and 05): what makes them, where they start
 
 # flags that do not change what a run computes: a rerun may change them and still resume
 NOT_IDENTITY = {"out", "resume", "overwrite", "max_steps", "save_every", "log_rollouts_every", "cache_size",
                 "micro_batch", "activation_checkpointing", "ref_offload", "vllm_gpu_memory", "trust_remote_code",
-                "eval_data", "eval_every", "eval_max_new_tokens"}
+                "eval_data", "eval_every", "eval_max_new_tokens", "report_to"}
 
 
 def training_identity(stage, args):

@@ -61,7 +61,8 @@ def test_data_stages_check_before_their_backend(tmp_path, data, monkeypatch):
     with pytest.raises(SystemExit, match="^--prompt-file nope.txt: does not exist"):
         caption.main(["--in", data, "--out", str(tmp_path / "c.jsonl"), "--prompt-file", "nope.txt"])
     with pytest.raises(SystemExit, match="^--model ./no/such/model: does not exist"):
-        distill.main(["--in", data, "--out", str(tmp_path / "d.jsonl"), "--backend", "hf", "--model", "./no/such/model"])
+        distill.main(["--in", data, "--out", str(tmp_path / "d.jsonl"), "--backend", "hf",
+                      "--model", "./no/such/model"])
 
 
 def test_eval_checks_data_dir_and_model(tmp_path, tiny_model_dir, no_model_loads):
@@ -78,3 +79,26 @@ def test_hub_ids_pass_and_local_looking_paths_do_not(tmp_path, monkeypatch):
     (tmp_path / "runs").mkdir()
     with pytest.raises(SystemExit, match="^--model runs/tiny: does not exist"):
         runs.check_inputs(SimpleNamespace(model="runs/tiny"), models=("model",))
+
+
+def test_check_images_lists_what_is_missing_by_folder(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from vlaa import records
+
+    (tmp_path / "images" / "coco" / "train2017").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "coco" / "train2017" / "1.jpg")
+    (tmp_path / "images" / "vg").mkdir()
+    (tmp_path / "images" / "vg" / "2.jpg").write_text("not an image")
+    rows = [{"image": "coco/train2017/1.jpg"}, {"image": "coco/train2017/9.jpg"}, {"image": "vg/2.jpg"},
+            {"image": "vg/VG_100K/3.jpg"}, {"question": "no image"}]
+    data = tmp_path / "released.json"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    problems = records.check_images(str(data), str(tmp_path / "images"))
+    assert {k: len(v) for k, v in problems.items()} == {"coco/train2017": 1, "vg/2.jpg": 1, "vg/VG_100K": 1,
+                                                        "(no image field)": 1}
+    assert "5 records, 4 with an image missing or unreadable" in capsys.readouterr().out
+    (tmp_path / "complete.json").write_text(json.dumps(rows[0]) + "\n")
+    assert records.check_images(str(tmp_path / "complete.json"), str(tmp_path / "images")) == {}

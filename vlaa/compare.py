@@ -147,7 +147,8 @@ def plot(groups, metrics, path, smooth=1, relative=False, window=1, title=None):
             if not steps:
                 continue
             y = np.array([[c[s] for s in steps] for c in per_run])  # [seeds, steps]
-            ax.plot(steps, y.mean(0), linewidth=2, marker="o" if len(steps) < 30 else None, label=f"{label} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+            name = f"{label} ({len(runs)} seed{'s' * (len(runs) > 1)})"
+            ax.plot(steps, y.mean(0), linewidth=2, marker="o" if len(steps) < 30 else None, label=name)
             if len(runs) > 1:
                 sd = y.std(0, ddof=1)
                 ax.fill_between(steps, y.mean(0) - sd, y.mean(0) + sd, alpha=0.2)

@@ -96,14 +96,16 @@ def toy_data(tmp_path_factory):
 def test_05_reports_to_tensorboard_every_metric_of_metrics_jsonl(tmp_path, tiny_model_dir, toy_data):
     pytest.importorskip("tensorboard")
     out = tmp_path / "grpo"
-    grpo.main(["--model", tiny_model_dir, "--data", toy_data, "--out", str(out), "--rollout-batch", "2",
-               "--group-size", "2", "--train-batch", "4", "--max-new-tokens", "4", "--max-steps", "2",
-               "--kl-coef", "0", "--report-to", "tensorboard"])
+    argv = ["--model", tiny_model_dir, "--data", toy_data, "--out", str(out), "--rollout-batch", "2",
+            "--group-size", "2", "--train-batch", "4", "--max-new-tokens", "4", "--max-steps", "2", "--kl-coef", "0"]
+    grpo.main(argv + ["--report-to", "tensorboard"])
     logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
     scalars, texts = tensorboard_scalars(str(out / "tensorboard"))
     assert set(scalars) == {k for m in logged for k in m if k != "step"}
     assert scalars["reward"] == [(m["step"], m["reward"]) for m in logged]
     assert '"report_to": "tensorboard"' in texts[0] and '"group_size": 2' in texts[0]
+    grpo.main(argv + ["--overwrite", "--max-steps", "1"])  # a fresh run: the old events go with the old logs
+    assert not (out / "tensorboard").exists()
 
 
 def test_04_reports_to_wandb_offline(tmp_path, tiny_model_dir, toy_data, monkeypatch):

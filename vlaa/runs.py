@@ -165,7 +165,7 @@ def start_or_resume(out, identity, resume, overwrite, total_steps, env, model, o
     from vlaa import checkpoints
 
     run_id = _sha256(json.dumps(identity, sort_keys=True).encode())[:16]
-    outputs = ("checkpoints", "model", *logs)
+    outputs = ("checkpoints", "model", "tensorboard", "wandb", *logs)  # --overwrite clears the trackers too
     error, ckpt = None, None
     try:
         found = os.path.join(out, RUN_FILE)

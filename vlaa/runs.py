@@ -109,7 +109,7 @@ def check_inputs(args, files=(), paths=(), folders=(), models=()):
     """Every input path a stage was given, checked before any model loads: a missing one stops the stage with
     one line naming the flag and the path, not a traceback after the models load. Each argument lists flag
     names (args attributes): files must be files, paths files or folders, folders folders, models a folder or
-    a hub id (org/name whose first part is not a local folder: the hub checks those when they load)."""
+    a hub id (a name, or org/name whose org is not a local folder: the hub checks those when they load)."""
     kinds = [(files, os.path.isfile, "file"), (paths, os.path.exists, "file or folder"),
              (folders, os.path.isdir, "folder"), (models, os.path.isdir, "model folder")]
     for names, ok, what in kinds:
@@ -117,9 +117,10 @@ def check_inputs(args, files=(), paths=(), folders=(), models=()):
             path = getattr(args, name, None)
             if path in (None, "") or ok(path):
                 continue
-            parts = path.split("/")
-            if names is models and len(parts) == 2 and not path.startswith((".", "/")) and not os.path.isdir(parts[0]):
-                continue  # a hub id such as Qwen/Qwen2.5-VL-3B-Instruct
+            parts = path.split("/")  # a hub id: Qwen/Qwen2.5-VL-3B-Instruct, or a bare name such as gpt2
+            if names is models and len(parts) <= 2 and not path.startswith((".", "/")) and not (
+                    len(parts) == 2 and os.path.isdir(parts[0])):
+                continue
             flag = "--" + {"inp": "in"}.get(name, name).replace("_", "-")
             found = "is not a " + what if os.path.exists(path) else "does not exist"
             raise SystemExit(f"{flag} {path}: {found} (a {what} was expected; nothing was loaded)")

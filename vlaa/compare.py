@@ -139,7 +139,7 @@ def plot(groups, metrics, path, smooth=1, relative=False, window=1, title=None):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.2), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(max(8.0, 6.5 * len(metrics)), 4.5), dpi=100, squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for label, runs in groups.items():
             per_run = [dict(zip(*curve(r, metric, smooth, relative, window))) for r in runs]
@@ -152,11 +152,11 @@ def plot(groups, metrics, path, smooth=1, relative=False, window=1, title=None):
             if len(runs) > 1:
                 sd = y.std(0, ddof=1)
                 ax.fill_between(steps, y.mean(0) - sd, y.mean(0) + sd, alpha=0.2)
-        ylabel = f"{metric}, change from the first {window} step(s)" if relative else metric
-        ax.set(xlabel="step", ylabel=ylabel + (f" ({smooth}-step moving average)" if smooth > 1 else ""))
+        ylabel = f"{metric}, change from its first {window}" if relative else metric
+        ax.set(xlabel="step", ylabel=ylabel + (f"\n({smooth}-step moving average)" if smooth > 1 else ""))
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
-    fig.suptitle(title or "mean ± sample sd over seeds")
+    fig.suptitle(title or "mean ± sample sd over seeds", fontsize=11)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 import rewards
-from vlaa import flags, qwen, runs, training
+from vlaa import flags, qwen, runs, tracking, training
 from vlaa.flags import nonneg_float, nonneg_int, positive_float, positive_int, probability
 from vlaa.qwen import SYSTEM_PROMPT, collate, prompt_encoder, to_device
 from vlaa.records import load_records
@@ -76,7 +76,8 @@ p.add_argument("--eval-data", default=None, help="held-out records (with answer 
 p.add_argument("--eval-every", type=nonneg_int, default=0,
                help="evaluate --eval-data every N steps and at the end (0: off)")
 p.add_argument("--eval-max-new-tokens", type=positive_int, default=256, help="completion length for --eval-data")
-p.add_argument("--seed", type=nonneg_int, default=0)
+p.add_argument("--seed", type=nonneg_int, default=0, help="order of the training samples")
+tracking.add_report_to(p)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -125,6 +126,7 @@ def train_step(model, optimizer, params, batches, grad_clip, world, device):
 
 def main(argv=None):
     args = flags.parse(p, argv, flags.check_sft)  # a bad flag or combination stops here, naming it
+    runs.check_inputs(args, files=("data", "eval_data"), folders=("image_root",), models=("model",))
     env = training.init_distributed()
     rank, world, device, master = env["rank"], env["world"], env["device"], env["master"]
     torch.manual_seed(args.seed)
@@ -158,6 +160,7 @@ def main(argv=None):
     state, run_id = runs.start_or_resume(args.out, runs.training_identity("04_sft", args), args.resume,
                                              args.overwrite, total_steps, env, model, optimizer)
     start = state.get("step", 0)
+    tracker = tracking.start(args, "04_sft", run_id, master)
     stop_requested = training.install_sigterm_handler()  # a preempted job saves before it stops
 
     bar = tqdm(range(start, total_steps), disable=not master, desc="sft", initial=start, total=total_steps)
@@ -180,8 +183,8 @@ def main(argv=None):
         if held_out and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
             rec |= training.held_out_accuracy(model, tokenizer, encode_prompt, held_out, score, world, rank, device,
                                               args.eval_max_new_tokens)
+        tracking.log(tracker, rec)
         if master:
-            training.log_metrics(os.path.join(args.out, "metrics.jsonl"), rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
         training.checkpoint_if_due(args.out, step + 1, total_steps, args.save_every, stop_requested, model, optimizer,
                                    {"samples_seen": rec["samples_seen"]}, env, run_id)
@@ -189,6 +192,7 @@ def main(argv=None):
     training.finish_training(args.out, total_steps, model, optimizer,
                                 {"samples_seen": total_steps * args.global_batch}, tokenizer, image_processor, env,
                                 run_id=run_id)
+    tracking.finish(tracker)
 
 
 if __name__ == "__main__":

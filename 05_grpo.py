@@ -7,9 +7,9 @@ the rewards within each group into advantages, and take clipped policy-gradient 
 to a frozen reference model. Read top to bottom: arguments, the objective, log-probs for a VLM,
 rollouts, the loop. Plumbing (torchrun, FSDP2, checkpoints, the colocated vLLM engine) lives in vlaa/.
 
-    # CPU, tiny model: a couple of minutes (rollouts by transformers generate, gloo)
-    python 05_grpo.py --model runs/sft/model --data runs/data/final/rl.jsonl --out runs/grpo \
-        --rollout-batch 8 --group-size 8 --train-batch 64 --max-new-tokens 48 --lr 3e-4 --temperature 1.0
+    # CPU, the demo's toy instruct base: the reward rises within a minute (the README's toy run has every flag)
+    python 05_grpo.py --model assets/toy-base --data runs/data/final/rl.jsonl --out runs/grpo --rollout-batch 8 \
+        --group-size 8 --train-batch 64 --micro-batch 64 --max-new-tokens 64 --lr 1e-4 --min-lr 1e-5 --kl-coef 0
     # one GPU, Qwen2.5-VL-3B on the released RL data, rollouts in a colocated vLLM engine
     python 05_grpo.py --model Qwen/Qwen2.5-VL-3B-Instruct --data VLAA-Thinking-GRPO-25K.json \
         --image-root /data/vlaa/images --out runs/grpo-3b --rollout vllm --micro-batch 4
@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 import rewards
-from vlaa import colocate, flags, qwen, runs, training
+from vlaa import colocate, flags, qwen, runs, tracking, training
 from vlaa.flags import at_least, fraction, nonneg_float, nonneg_int, positive_float, positive_int, probability
 from vlaa.records import has_aha, load_records, normalize_verifier
 
@@ -57,7 +57,7 @@ p.add_argument("--rollout", default="hf", choices=["hf", "vllm"], help="hf: tran
 p.add_argument("--rollout-batch", type=positive_int, default=512, help="prompts per step over all ranks (paper: 512)")
 p.add_argument("--group-size", type=at_least(2), default=4, help="completions per prompt, G (paper: 4)")
 p.add_argument("--temperature", type=positive_float, default=0.8, help="sampling temperature (paper: 0.8)")
-p.add_argument("--top-p", type=fraction, default=1.0)
+p.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling of rollouts (paper: not stated; 1: off)")
 p.add_argument("--max-new-tokens", type=positive_int, default=1024, help="completion length cap (paper: not stated)")
 p.add_argument("--max-prompt-length", type=positive_int, default=2048, help="prompts longer than this (tokens, the "
                "image's included) are dropped with a count; the vLLM engine's context is this + --max-new-tokens")
@@ -102,12 +102,12 @@ p.add_argument("--open-beta", type=positive_float, default=0.2, help="beta of th
 p.add_argument("--lr", type=positive_float, default=5e-6, help="peak LR (paper: not stated; 5e-6 if min LR is 0.1x)")
 p.add_argument("--min-lr", type=nonneg_float, default=5e-7, help="cosine floor (paper LR2: 5e-7)")
 p.add_argument("--warmup-ratio", type=probability, default=0.03, help="share of steps warming up (paper LR2: 3%%)")
-p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
-p.add_argument("--grad-clip", type=positive_float, default=1.0)
+p.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="AdamW weight decay (paper: not stated)")
+p.add_argument("--grad-clip", type=positive_float, default=1.0, help="gradient norm clipped to this (OpenRLHF: 1.0)")
 p.add_argument("--episodes", type=positive_float, default=1.0, help="passes over the prompts (paper: 1, i.e. 49 steps)")
 p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (overrides --episodes)")
 p.add_argument("--train-vision", action="store_true", help="train the vision tower too (default: frozen)")
-p.add_argument("--activation-checkpointing", action="store_true")
+p.add_argument("--activation-checkpointing", action="store_true", help="recompute activations to save memory")
 p.add_argument("--ref-offload", action="store_true", help="keep the reference model in CPU memory (GPU)")
 # bookkeeping
 p.add_argument("--save-every", type=positive_int, default=None,
@@ -123,7 +123,8 @@ p.add_argument("--eval-data", default=None, help="held-out records (with answer 
 p.add_argument("--eval-every", type=nonneg_int, default=0,
                help="evaluate --eval-data every N steps and at the end (0: off)")
 p.add_argument("--eval-max-new-tokens", type=positive_int, default=None, help="(default: --max-new-tokens)")
-p.add_argument("--seed", type=nonneg_int, default=0)
+p.add_argument("--seed", type=nonneg_int, default=0, help="prompt order and sampling (rank r samples with seed + r)")
+tracking.add_report_to(p)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -389,6 +390,7 @@ def update_policy(model, optimizer, params, micro_batches, batches, comp, loss_m
 
 def main(argv=None):
     args = flags.parse(p, argv, flags.check_grpo)  # a bad flag or combination stops here, naming it
+    runs.check_inputs(args, files=("data", "eval_data"), folders=("image_root",), models=("model", "reward_model"))
     env = training.init_distributed()
     rank, world, device, master = env["rank"], env["world"], env["device"], env["master"]
     rows_per_rank = args.rollout_batch // world * args.group_size
@@ -422,10 +424,10 @@ def main(argv=None):
     total_updates = total_steps * updates_per_step  # the LR schedule's length: one point per optimizer update
     warmup = training.warmup_updates(total_updates, args.warmup_ratio)
 
-    state, run_id = runs.start_or_resume(args.out, runs.training_identity("05_grpo", args), args.resume,
-                                             args.overwrite, total_steps, env, model, optimizer,
-                                             logs=("metrics.jsonl", "rollouts.jsonl"))
+    state, run_id = runs.start_or_resume(args.out, runs.training_identity("05_grpo", args), args.resume, args.overwrite,
+                                         total_steps, env, model, optimizer, logs=("metrics.jsonl", "rollouts.jsonl"))
     start, kl_coef = state.get("step", 0), state.get("kl_coef", args.kl_coef)
+    tracker = tracking.start(args, "05_grpo", run_id, master)
     stop_requested = training.install_sigterm_handler()  # a preempted job saves before it stops
     if master:
         print(f"{len(records)} prompts; {total_steps} steps of {args.rollout_batch} prompts x {args.group_size} "
@@ -463,21 +465,21 @@ def main(argv=None):
             loss_mask *= (~truncated).float()[:, None]
         t2 = time.perf_counter()
 
-        # 3. mini-batches (one optimizer update each) of micro-batches, built once; reference and old log-probs
+        # 3. per update, its micro-batches' row tuples (`updates`) and their model inputs (`inputs`); ref, old logp
         order = torch.randperm(len(rw)).tolist()  # mini-batches mix prompts
         minibatches = [order[i:i + train_rows] for i in range(0, len(order), train_rows)]
-        micro = [[tuple(mb[i:i + args.micro_batch]) for i in range(0, len(mb), args.micro_batch)] for mb in minibatches]
-        batches = {rows: sequence_batch(prompts, list(rows), args.group_size, comp, comp_mask, pad_id, features)
-                   for chunks in micro for rows in chunks}
+        updates = [[tuple(m[i:i + args.micro_batch]) for i in range(0, len(m), args.micro_batch)] for m in minibatches]
+        inputs = {rows: sequence_batch(prompts, list(rows), args.group_size, comp, comp_mask, pad_id, features)
+                  for micro_rows in updates for rows in micro_rows}
         ref_logp = None
         if use_ref:  # with --ref-offload the reference visits the GPU only now (sharded, FSDP2 moves its shards)
             with training.visiting(ref, device, args.ref_offload and world == 1):
-                ref_logp = frozen_logprobs(ref, batches, comp, args.temperature, vision_ids)
+                ref_logp = frozen_logprobs(ref, inputs, comp, args.temperature, vision_ids)
         # the trainer's own log-probs before any update: needed when later updates see an older policy, and
         # to weigh the vLLM engine's samples by how far its sampling is from ours
         is_weights = None
         off_policy = args.ppo_epochs > 1 or len(minibatches) > 1
-        old_logp = frozen_logprobs(model, batches, comp, args.temperature, vision_ids) \
+        old_logp = frozen_logprobs(model, inputs, comp, args.temperature, vision_ids) \
             if off_policy or sampler_logp is not None else None
         if sampler_logp is not None and args.vllm_is_cap > 0:
             is_weights = truncated_is_weights(old_logp, sampler_logp, comp_mask.float(), args.vllm_is_cap,
@@ -486,12 +488,12 @@ def main(argv=None):
         # 4. policy updates, each at its own point of the LR schedule
         step_stats, ent_sum, ent_n, lrs = [], 0.0, 0.0, []
         for epoch in range(args.ppo_epochs):
-            for k, chunks in enumerate(micro):
-                update = step * updates_per_step + epoch * len(micro) + k
+            for k, micro_rows in enumerate(updates):
+                update = step * updates_per_step + epoch * len(updates) + k
                 lrs.append(training.cosine_lr(update, total_updates, args.lr, warmup, args.min_lr))
                 training.set_lr(optimizer, lrs[-1])
                 st, es, en, grad_norm = update_policy(
-                    model, optimizer, params, micro_batches=chunks, batches=batches, comp=comp, loss_mask=loss_mask,
+                    model, optimizer, params, micro_batches=micro_rows, batches=inputs, comp=comp, loss_mask=loss_mask,
                     adv=adv, old_logp=old_logp, ref_logp=ref_logp, is_weights=is_weights, kl_coef=kl_coef,
                     args=args, vision_ids=vision_ids, world=world, device=device)
                 step_stats += st
@@ -526,21 +528,20 @@ def main(argv=None):
             metrics |= training.held_out_accuracy(model, tokenizer, encode, held_out, score, world, rank, device,
                                                   args.eval_max_new_tokens or args.max_new_tokens)
         metrics = {"step": step + 1, "lr": lrs[0], "lr_last": lrs[-1], "kl_coef": kl_coef, **metrics}
+        tracking.log(tracker, metrics)
         if master:
-            training.log_metrics(os.path.join(args.out, "metrics.jsonl"), metrics)
             tqdm.write(f"step {step + 1:4d} | reward {metrics['reward']:.3f} | acc {metrics['accuracy']:.2f} | "
                        f"kl {metrics['kl']:.4f} | len {metrics['completion_len']:.1f} | distinct/G "
                        f"{metrics['distinct_per_group']:.2f} | gen {t1 - t0:.2f}s score {t2 - t1:.2f}s "
                        f"train {t3 - t2:.2f}s")
             if (step + 1) % args.log_rollouts_every == 0 or step == 0:
-                for s, t, r in list(zip(samples, texts, rw.tolist()))[:2 * args.group_size]:
-                    training.log_metrics(os.path.join(args.out, "rollouts.jsonl"),
-                                         {"step": step + 1, "id": s["id"], "completion": t, "reward": r})
+                tracking.log_rollouts(tracker, step + 1, samples[:2 * args.group_size], texts, rw.tolist())
         training.checkpoint_if_due(args.out, step + 1, total_steps, args.save_every, stop_requested, model, optimizer,
                                    {"kl_coef": kl_coef}, env, run_id)
 
     training.finish_training(args.out, total_steps, model, optimizer, {"kl_coef": kl_coef}, tokenizer,
                                 image_processor, env, run_id=run_id, close_group=llm is None)
+    tracking.finish(tracker)
     if llm is not None:
         colocate.close_vllm_engine(llm)  # vLLM's teardown closes the process group too
 

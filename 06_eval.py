@@ -305,9 +305,8 @@ def parse_args(argv=None):
     p.add_argument("--judge-base-url", default=None, help="openai judge URL (default $OPENAI_BASE_URL)")
     p.add_argument("--judge-api-key-env", help="the judge's key: as --api-key-env, with --judge-base-url")
     args = flags.parse(p, argv, flags.check_pixels)
-    for field, value in PRESETS[args.preset].items():
-        if getattr(args, field) is None:
-            setattr(args, field, value)
+    vars(args).update({f: v for f, v in PRESETS[args.preset].items() if getattr(args, f) is None})  # unset: preset's
+    runs.check_inputs(args, paths=("data_dir",), models=("model",) * (args.backend != "openai"))  # before any load
     return args
 
 

@@ -1,6 +1,6 @@
 # Quick start:  make test   |   make test-vllm   |   make demo
 # Each creates its venv on first use. On a GPU machine pick another torch, e.g.
-#   make test TORCH="torch==2.14.0"      (and pip install '.[vllm]' for vLLM rollouts)
+#   make test TORCH="torch==2.14.0"      (with vLLM: docs/vllm.md "Install on a GPU", one recipe)
 PYTHON ?= python3
 VENV   ?= .venv
 VLLM_VENV ?= .venv-vllm
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: otherwise a dependency may resolve to a multi-GB CUDA build
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,plot]"
+	$(PY) -m pip install -q -e ".[dev,plot,track]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -18,7 +18,9 @@ conclusion: whatever the table says is the result.
     python demo.py [--out runs/demo] [--seeds N] [--quick]     # --quick: a reduced size, for the test suite
     python demo.py --build-base [--out assets/toy-base]          # rebuild the base (about 2 minutes)
 
-Writes OUT/results.md (the table, mean and spread over seeds), OUT/results.json, OUT/reward_curves.png.
+Writes OUT/results.md (the table, mean and spread over seeds, the comparisons and a conclusion computed from
+them), OUT/results.json, OUT/reward_curves.png (vlaa.compare's figure: each GRPO arm's reward change from its
+own start, since the arms start from different policies).
 """
 
 import argparse
@@ -26,11 +28,10 @@ import importlib
 import json
 import os
 import shutil
-import statistics
 import time
 
 import toy
-from vlaa import flags
+from vlaa import compare, flags
 
 caption, distill, verify, sft, grpo, evaluate = (importlib.import_module(m) for m in (
     "01_caption", "02_distill", "03_rewrite_verify", "04_sft", "05_grpo", "06_eval"))
@@ -141,7 +142,8 @@ def grpo_summary(out, window):
     m = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
     return {"reward_first": mean(m[:window], "reward"), "reward_last": mean(m[-window:], "reward"),
-            "distinct_last": mean(m[-window:], "distinct_per_group"), "rewards": [r["reward"] for r in m]}
+            "distinct_last": mean(m[-window:], "distinct_per_group"), "rewards": [r["reward"] for r in m],
+            "dir": out}
 
 
 def run_arms(base, data, sets, out, cfg, seed):
@@ -163,9 +165,7 @@ def slug(arm):
 # Results: mean and spread over seeds, the table, the figure
 
 
-def spread(values):
-    """(mean, sample standard deviation); one value has no spread."""
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+spread = compare.mean_sd  # (mean, sample sd): one home for the spread, the verdict and the figure
 
 
 def cells(runs):
@@ -211,7 +211,7 @@ def comparisons(results):
     for a, b in [("GRPO", "base"), ("SFT", "base"), ("SFT on hesitant", "base"), ("SFT -> GRPO", "GRPO"),
                  ("SFT on hesitant -> GRPO", "GRPO")]:
         (ma, sa), (mb, sb) = acc[a], acc[b]
-        verdict = "exceeds the spread" if abs(ma - mb) > sa + sb else "within the spread"
+        verdict = "exceeds the spread" if compare.exceeds_spread(acc[a], acc[b]) else "within the spread"
         lines.append(f"- {a} vs {b}: accuracy {ma - mb:+.3f}" +
                      (f" ({verdict}: sd {sa:.3f} and {sb:.3f})" if seeds > 1 else " (one seed: no spread)"))
     m, s = spread(cells(results["GRPO"])["reward_gain"])
@@ -220,37 +220,44 @@ def comparisons(results):
     return "\n".join(lines)
 
 
-def plot_rewards(results, path, smooth=10):
-    """Training reward per GRPO step (moving average), one line per arm: the mean over seeds, a band of ± sd."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("no PNG: matplotlib is not installed (pip install -e '.[plot]')")
-        return None
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    import numpy as np
+def conclusion(results):
+    """What the table says, in words computed from its numbers: GRPO's own signal, SFT's effect, and whether the
+    toy reproduces the paper's "SFT then GRPO ends below GRPO alone". With several seeds a difference counts
+    when it exceeds the spread (compare.exceeds_spread); one seed has no spread, so only its direction is told."""
+    acc = {arm: spread(cells(runs)["accuracy"]) for arm, runs in results.items()}
+    seeds = len(results["base"])
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    for arm, runs in results.items():
-        if "grpo" not in runs[0]:
-            continue
-        curves = np.array([[np.mean(r["grpo"]["rewards"][max(0, j - smooth + 1):j + 1])
-                            for j in range(len(r["grpo"]["rewards"]))] for r in runs])  # [seeds, steps]
-        steps, mean = np.arange(1, curves.shape[1] + 1), curves.mean(0)
-        ax.plot(steps, mean, label=arm, linewidth=2)
-        if len(runs) > 1:
-            sd = curves.std(0, ddof=1)
-            ax.fill_between(steps, mean - sd, mean + sd, alpha=0.2)
-    seeds = len(next(iter(results.values())))
-    ax.set(xlabel="GRPO step", ylabel=f"training reward ({smooth}-step moving average)", ylim=(0, 1),
-           title="GRPO training reward, " + (f"mean ± sd over {seeds} seeds" if seeds > 1 else "one seed"))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    def diff(a, b):
+        d = acc[a][0] - acc[b][0]
+        if seeds < 2:
+            return f"{d:+.3f} (one seed: no spread)", d
+        beyond = compare.exceeds_spread(acc[a], acc[b])
+        return f"{d:+.3f} ({'beyond' if beyond else 'within'} the spread, sd {acc[a][1]:.3f} and {acc[b][1]:.3f})", \
+            (d if beyond else 0.0)
+
+    gain, gain_sd = spread(cells(results["GRPO"])["reward_gain"])
+    (grpo_text, _), (sft_text, _) = diff("GRPO", "base"), diff("SFT", "base")
+    (order_text, order), (hes_text, _) = diff("SFT -> GRPO", "GRPO"), diff("SFT on hesitant", "base")
+    where = "below" if order < 0 else "above" if order > 0 else "level with"
+    claim = "\"SFT then GRPO ends below GRPO alone\""
+    verdict = (f"reproduces the paper's {claim}" if order < 0 else f"does not reproduce the paper's {claim}")
+    signal = (f"{gain:+.3f} ± {gain_sd:.3f} ({'more' if gain > 2 * gain_sd else 'not more'} than twice its spread)"
+              if seeds > 1 else f"{gain:+.3f}")
+    return (f"Conclusion ({seeds} seed{'s' * (seeds > 1)}{', mean ± sample sd' if seeds > 1 else ''}; accuracy on "
+            f"the toy test set): GRPO from the base raises its training reward by {signal} and changes its accuracy "
+            f"by {grpo_text}. SFT on the teacher's plain traces changes accuracy by {sft_text}; SFT on the hesitant "
+            f"traces by {hes_text}. SFT then GRPO ends {where} GRPO alone: {order_text}. So this toy {verdict}"
+            + (" on this seed; `python demo.py --seeds 3` tells a difference from seed noise." if seeds < 2 else "."))
+
+
+def plot_rewards(results, path, window, smooth=10):
+    """Each GRPO arm's training reward as its change from its own first `window` steps (the arms start from
+    different policies, so their raw rewards compare starts, not learning): vlaa.compare's figure."""
+    groups = {arm: [compare.read_run(r["grpo"]["dir"]) for r in runs] for arm, runs in results.items()
+              if "grpo" in runs[0]}
+    seeds = len(results["base"])
+    title = f"GRPO training reward, change from each arm's start ({seeds} seed{'s' * (seeds > 1)}: mean ± sd)"
+    return compare.plot(groups, ["reward"], path, smooth=smooth, relative=True, window=window, title=title)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -303,15 +310,16 @@ def main(argv=None):
                 results[arm][-1]["grpo"] = grpo_summary(grpo_dir, cfg["window"])
 
     md, minutes = table(results), (time.time() - t0) / 60
-    notes = (f"Toy test set: {cfg['test_n']} questions (`open` ones dropped: no reward model); greedy; iou right at "
+    notes = (f"Toy test set: {base_scores['n']} questions scored of {cfg['test_n']} (`open` ones dropped: no reward "
+             f"model); greedy; iou right at "
              f"IoU >= 0.5. {args.seeds} seed(s){': mean ± sample sd' if args.seeds > 1 else ''}. GRPO reward: the "
              f"mean of the first and last {cfg['window']} steps. Wall time {minutes:.1f} min.")
-    report = f"{md}\n\n{notes}\n\n{comparisons(results)}"
+    report = f"{md}\n\n{notes}\n\n{comparisons(results)}\n\n{conclusion(results)}"
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(report + "\n")
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"seeds": args.seeds, "config": cfg, "arms": results}, f, indent=1)
-    png = plot_rewards(results, os.path.join(out, "reward_curves.png"))
+    png = plot_rewards(results, os.path.join(out, "reward_curves.png"), cfg["window"])
     stage(f"results ({minutes:.1f} min): accuracy on the toy test set")
     print(report)
     print(f"\nwrote {out}/results.md, {out}/results.json" + (f", {png}" if png else ""))

@@ -34,6 +34,7 @@ def test_quick_demo_with_two_seeds_writes_the_table_the_comparisons_and_the_curv
     md = (out / "results.md").read_text()
     assert md.count("\n| ") >= 5 and "distinct/G at end" in md and " ± " in md
     assert "- SFT -> GRPO vs GRPO: accuracy" in md and "- GRPO from the base: training reward" in md
+    assert "Conclusion (2 seeds, mean ± sample sd;" in md and "questions scored of 16" in md
     if importlib.util.find_spec("matplotlib"):  # the `plot` extra
         assert os.path.getsize(out / "reward_curves.png") > 10_000
     for f in ("sft.jsonl", "rl.jsonl", "summary.json"):  # the data recipe ran
@@ -70,3 +71,32 @@ def test_a_cell_is_the_mean_and_the_sample_spread():
     assert demo.show([0.5, 0.7]) == "0.60 ± 0.14"
     assert demo.show([0.25]) == "0.25"  # one seed: no spread
     assert demo.show([0.1, 0.3], "{:.0f}", 100) == "20 ± 14"
+
+
+def fake_results(acc, seeds=3):
+    """demo.main's results for given accuracies per arm ({arm: [one per seed]}), the rest constant."""
+    def run(a, grpo):
+        r = {"scores": {"metrics": {"accuracy": a}, "trace": {"mean_words": 15.0, "aha": 0.0, "no_answer": 0.0}}}
+        return r | ({"grpo": {"reward_first": 0.4, "reward_last": 0.5, "distinct_last": 4.0}} if grpo else {})
+    return {arm: [run(acc[arm][k], "GRPO" in arm) for k in range(seeds)] for arm in demo.ARMS}
+
+
+@pytest.mark.parametrize("sft_grpo,words", [
+    ([0.50, 0.51, 0.52], "ends below GRPO alone: -0.090 (beyond the spread, sd 0.010 and 0.010). So this toy "
+                         "reproduces the paper's"),
+    ([0.70, 0.71, 0.72], "ends above GRPO alone: +0.110 (beyond the spread, sd 0.010 and 0.010). So this toy "
+                         "does not reproduce the paper's"),
+    ([0.58, 0.61, 0.64], "ends level with GRPO alone: +0.010 (within the spread, sd 0.030 and 0.010). So this toy "
+                         "does not reproduce the paper's")])
+def test_the_conclusion_follows_the_numbers_and_their_spread(sft_grpo, words):
+    acc = {"base": [0.5] * 3, "GRPO": [0.59, 0.60, 0.61], "SFT": [0.7] * 3, "SFT -> GRPO": sft_grpo,
+           "SFT on hesitant": [0.5] * 3, "SFT on hesitant -> GRPO": [0.6] * 3}
+    text = demo.conclusion(fake_results(acc))
+    assert text.startswith("Conclusion (3 seeds, mean ± sample sd;") and words in text
+    assert "training reward by +0.100 ± 0.000 (more than twice its spread)" in text
+
+
+def test_one_seed_tells_only_the_direction():
+    acc = {arm: [0.6] for arm in demo.ARMS} | {"SFT -> GRPO": [0.7]}
+    text = demo.conclusion(fake_results(acc, seeds=1))
+    assert "ends above GRPO alone: +0.100 (one seed: no spread)" in text and "--seeds 3" in text

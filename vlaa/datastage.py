@@ -146,6 +146,14 @@ def add_generation_args(parser, batch_size=64, max_new_tokens=1024, temperature=
                         "instead of stopping; a rerun retries them")
 
 
+def check_stage_inputs(args, *model_flags):
+    """Before any model loads: --in (and a --prompt-file) must be files, and with the hf or vllm backend each
+    model flag a folder or a hub id (vlaa.runs.check_inputs; toy roles and served names are not paths)."""
+    from vlaa.runs import check_inputs
+
+    check_inputs(args, files=("inp", "prompt_file"), models=model_flags if args.backend in ("hf", "vllm") else ())
+
+
 def backend_from_args(args, model):
     """make_backend with the options of `args.backend` taken from add_generation_args' flags."""
     from vlaa.backends import make_backend

@@ -263,3 +263,46 @@ def load_benchmark_rows(path, fields, image_fields=("image",), keep=None, skip_b
     found = [rec for _, rec in checked_records(path, rows, check, bad if skip_bad else None, unique=False)]
     report_skipped(bad, path)
     return found
+
+
+# ----------------------------------------------------------------------------------------------------
+# python -m vlaa.records check-images DATA [--image-root DIR]: before training, every image a data file names
+
+
+def check_images(path, image_root=None, show=20):
+    """Every record's image checked (check_image) without loading a model -> {folder: [bad paths]}, where the
+    folder is the first two parts of the path as the file writes it (coco/train2017, vg/VG_100K, ...), so that
+    one missing archive shows as one line. Prints a count per folder and the first `show` problems."""
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    bad_rows, problems, n = [], {}, 0
+    for line, rec in _iter_json_or_jsonl(path, bad_rows):
+        image, n = rec.get("image"), n + 1
+        if not isinstance(image, str) or not image:
+            problems.setdefault("(no image field)", []).append(f"{path}:{line}")
+            continue
+        try:
+            check_image(os.path.join(root, image))
+        except (OSError, ValueError) as e:
+            problems.setdefault("/".join(image.split("/")[:2]), []).append(str(e))
+    print(f"{path}: {n} records, {sum(map(len, problems.values()))} with an image missing or unreadable "
+          f"(paths resolved against {root}); {len(bad_rows)} unreadable lines")
+    for folder, items in sorted(problems.items()):
+        print(f"  {folder}: {len(items)}")
+    for message in [m for items in problems.values() for m in items][:show]:
+        print(f"    {message}")
+    return problems
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m vlaa.records", description="check-images: list the images a data "
+                                 "file names that are missing or unreadable, before any training (exit status 1)")
+    ap.add_argument("command", choices=["check-images"])
+    ap.add_argument("data", help="a data file: ours (JSONL) or the released VLAA-Thinking-*.json")
+    ap.add_argument("--image-root", default=None, help="folder the image paths are relative to (default: the file's)")
+    ap.add_argument("--show", type=int, default=20, help="print the first N problems (default: %(default)s)")
+    a = ap.parse_args()
+    if not os.path.isfile(a.data):
+        raise SystemExit(f"data {a.data}: does not exist")
+    raise SystemExit(1 if check_images(a.data, a.image_root, a.show) else 0)

@@ -105,13 +105,34 @@ def claim_run(out, identity, resume=True, overwrite=False, outputs=()):
     write_json(path, identity)
 
 
+def check_inputs(args, files=(), paths=(), folders=(), models=()):
+    """Every input path a stage was given, checked before any model loads: a missing one stops the stage with
+    one line naming the flag and the path, not a traceback after the models load. Each argument lists flag
+    names (args attributes): files must be files, paths files or folders, folders folders, models a folder or
+    a hub id (a name, or org/name whose org is not a local folder: the hub checks those when they load)."""
+    kinds = [(files, os.path.isfile, "file"), (paths, os.path.exists, "file or folder"),
+             (folders, os.path.isdir, "folder"), (models, os.path.isdir, "model folder")]
+    for names, ok, what in kinds:
+        for name in names:
+            path = getattr(args, name, None)
+            if path in (None, "") or ok(path):
+                continue
+            parts = path.split("/")  # a hub id: Qwen/Qwen2.5-VL-3B-Instruct, or a bare name such as gpt2
+            if names is models and len(parts) <= 2 and not path.startswith((".", "/")) and not (
+                    len(parts) == 2 and os.path.isdir(parts[0])):
+                continue
+            flag = "--" + {"inp": "in"}.get(name, name).replace("_", "-")
+            found = "is not a " + what if os.path.exists(path) else "does not exist"
+            raise SystemExit(f"{flag} {path}: {found} (a {what} was expected; nothing was loaded)")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training runs (04 and 05): what makes them, where they start
 
 # flags that do not change what a run computes: a rerun may change them and still resume
 NOT_IDENTITY = {"out", "resume", "overwrite", "max_steps", "save_every", "log_rollouts_every", "cache_size",
                 "micro_batch", "activation_checkpointing", "ref_offload", "vllm_gpu_memory", "trust_remote_code",
-                "eval_data", "eval_every", "eval_max_new_tokens"}
+                "eval_data", "eval_every", "eval_max_new_tokens", "report_to"}
 
 
 def training_identity(stage, args):
@@ -145,7 +166,7 @@ def start_or_resume(out, identity, resume, overwrite, total_steps, env, model, o
     from vlaa import checkpoints
 
     run_id = _sha256(json.dumps(identity, sort_keys=True).encode())[:16]
-    outputs = ("checkpoints", "model", *logs)
+    outputs = ("checkpoints", "model", "tensorboard", "wandb", *logs)  # --overwrite clears the trackers too
     error, ckpt = None, None
     try:
         found = os.path.join(out, RUN_FILE)

@@ -130,8 +130,8 @@ def warmup_updates(total_updates, warmup_ratio):
 def cosine_lr(update, total_updates, peak_lr, warmup=0, min_lr=0.0):
     """The LR of optimizer update `update` (0-based): linear warmup from 0 over `warmup` updates, then cosine
     from peak_lr down to min_lr. The schedule has one point per optimizer update, not per rollout step: the
-    paper's 49 GRPO steps are 393 updates (transformers' cosine_with_min_lr schedule, which OpenRLHF steps
-    once per update; the paper's LR1/LR2 set min LR and warmup)."""
+    paper's 49 GRPO steps (25,195 // 512) of 512 x 4 / 256 = 8 updates are 392 (transformers' cosine_with_min_lr
+    schedule, which OpenRLHF steps once per update; the paper's LR1/LR2 set min LR and warmup)."""
     import math
 
     if update < warmup:

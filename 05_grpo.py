@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 import rewards
-from vlaa import colocate, qwen, runs, training
+from vlaa import colocate, heldout, qwen, runs, training
 from vlaa.records import has_aha, load_records, normalize_verifier
 
 # ----------------------------------------------------------------------------------------------------
@@ -394,6 +394,7 @@ def main(argv=None):
     train_rows = args.train_batch // world  # completions per optimizer update on this rank
     if rows_per_rank % train_rows:
         raise SystemExit("--rollout-batch x --group-size must be a multiple of --train-batch")
+    runs.hold_run_folder(args.out, env)  # one writer per run folder: a second start stops here, naming the first
     torch.manual_seed(args.seed + rank)  # each rank samples its own completions
     args.max_pixels = qwen.training_max_pixels(args.model, args.max_pixels)  # the trainer's (and engine's)
 
@@ -423,10 +424,9 @@ def main(argv=None):
     total_updates = total_steps * updates_per_step  # the LR schedule's length: one point per optimizer update
     warmup = training.warmup_updates(total_updates, args.warmup_ratio)
 
-    state, run_id = runs.start_or_resume(args.out, runs.training_identity("05_grpo", args), args.resume,
-                                             args.overwrite, total_steps, env, model, optimizer,
-                                             logs=("metrics.jsonl", "rollouts.jsonl"))
-    start, kl_coef = state.get("step", 0), state.get("kl_coef", args.kl_coef)
+    state, run_id = runs.start_or_resume(args.out, runs.training_identity("05_grpo", args), args.resume, args.overwrite,
+                                         total_steps, env, model, optimizer, logs=("metrics.jsonl", "rollouts.jsonl"))
+    start, kl_coef, warmup = state.get("step", 0), state.get("kl_coef", args.kl_coef), state.get("warmup", warmup)
     stop_requested = training.install_sigterm_handler()  # a preempted job saves before it stops
     if master:
         print(f"{len(records)} prompts; {total_steps} steps of {args.rollout_batch} prompts x {args.group_size} "
@@ -524,8 +524,8 @@ def main(argv=None):
                                        args.kl_horizon)
         if held_out and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
             score = lambda t, r: rewards.is_correct(rewards.mixed_reward(t, r, rm=rm))  # noqa: E731  (03, 06's rule)
-            metrics |= training.held_out_accuracy(model, tokenizer, encode, held_out, score, world, rank, device,
-                                                  args.eval_max_new_tokens or args.max_new_tokens)
+            metrics |= heldout.held_out_accuracy(model, tokenizer, encode, held_out, score, world, rank, device,
+                                                 args.eval_max_new_tokens or args.max_new_tokens)
         metrics = {"step": step + 1, "lr": lrs[0], "lr_last": lrs[-1], "kl_coef": kl_coef, **metrics}
         if master:
             training.log_metrics(os.path.join(args.out, "metrics.jsonl"), metrics)
@@ -538,9 +538,9 @@ def main(argv=None):
                     training.log_metrics(os.path.join(args.out, "rollouts.jsonl"),
                                          {"step": step + 1, "id": s["id"], "completion": t, "reward": r})
         training.checkpoint_if_due(args.out, step + 1, total_steps, args.save_every, stop_requested, model, optimizer,
-                                   {"kl_coef": kl_coef}, env, run_id)
+                                   {"kl_coef": kl_coef, "warmup": warmup}, env, run_id)
 
-    training.finish_training(args.out, total_steps, model, optimizer, {"kl_coef": kl_coef}, tokenizer,
+    training.finish_training(args.out, total_steps, model, optimizer, {"kl_coef": kl_coef, "warmup": warmup}, tokenizer,
                                 image_processor, env, run_id=run_id, close_group=llm is None)
     if llm is not None:
         colocate.close_vllm_engine(llm)  # vLLM's teardown closes the process group too

@@ -41,8 +41,12 @@ def hold(lock_path, what=None):
     with SystemExit naming the first. Taking it again in the same process is a no-op (a stage called twice in
     one process, as the tests do)."""
     key = os.path.realpath(lock_path)
-    if key in _held:
-        return
+    f = _held.pop(key, None)
+    if f is not None:  # held already, unless its file was deleted with its folder since (a run redone afresh)
+        if os.path.exists(key) and os.path.samestat(os.fstat(f.fileno()), os.stat(key)):
+            _held[key] = f
+            return
+        f.close()
     os.makedirs(os.path.dirname(key), exist_ok=True)
     f = open(key, "a+", encoding="utf-8")  # a+: never truncates what the holder wrote
     try:

@@ -124,8 +124,8 @@ def main(argv=None):
     rank, world, device, master = env["rank"], env["world"], env["device"], env["master"]
     if args.global_batch % world:
         raise SystemExit(f"--global-batch {args.global_batch} must be divisible by the number of ranks ({world})")
-    runs.hold_run_folder(args.out, env)  # one writer per run folder: a second start stops here, naming the first
     torch.manual_seed(args.seed)
+    runs.hold_run_folder(args.out, env)  # one writer per run folder: a second start stops here, naming the first
     args.max_pixels = qwen.training_max_pixels(args.model, args.max_pixels)  # the trainer's (and engine's)
 
     # model: fp32 master weights; bf16 compute on GPU (autocast, or FSDP2's policy when sharded)

@@ -394,8 +394,8 @@ def main(argv=None):
     train_rows = args.train_batch // world  # completions per optimizer update on this rank
     if rows_per_rank % train_rows:
         raise SystemExit("--rollout-batch x --group-size must be a multiple of --train-batch")
-    runs.hold_run_folder(args.out, env)  # one writer per run folder: a second start stops here, naming the first
     torch.manual_seed(args.seed + rank)  # each rank samples its own completions
+    runs.hold_run_folder(args.out, env)  # one writer per run folder: a second start stops here, naming the first
     args.max_pixels = qwen.training_max_pixels(args.model, args.max_pixels)  # the trainer's (and engine's)
 
     # models: the policy (sharded under torchrun), a frozen reference, the reward model, the vLLM engine

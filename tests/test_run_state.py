@@ -200,11 +200,12 @@ def test_resume_exports_a_finished_run_whose_export_is_missing_or_torn(tmp_path,
     tear(how, out / "model")
     assert not checkpoints.export_complete(str(out / "model"))
     run(stage, tiny_model_dir, data, out, "--max-steps", 2, "--resume")
-    assert "training ended at step 2" in capsys.readouterr().out and checkpoints.export_complete(str(out / "model"))
+    assert "at step 2: training had ended" in capsys.readouterr().out
+    assert checkpoints.export_complete(str(out / "model"))
     again = load_file(str(out / "model" / "model.safetensors"))
     assert all(torch.equal(exported[k], again[k]) for k in exported)  # the same weights: the last checkpoint's
     assert steps_logged(out) == [1, 2]  # nothing retrained, nothing logged twice
-    with pytest.raises(SystemExit, match="already at step 2 of 2 and exported"):
+    with pytest.raises(SystemExit, match="already at step 2 of 2; raise --max-steps"):
         run(stage, tiny_model_dir, data, out, "--max-steps", 2, "--resume")
 
 

@@ -190,16 +190,13 @@ def start_or_resume(out, identity, resume, overwrite, total_steps, env, model, o
                 raise SystemExit(f"--resume: {out} has no complete checkpoint of this run; start it without --resume "
                                  "(with --overwrite to clear the folder)")
             with open(os.path.join(ckpt, "trainer.json")) as f:
-                saved = json.load(f)
-            step = saved["step"]
-            exported = checkpoints.export_complete(os.path.join(out, "model"))
-            if step > total_steps or (step == total_steps and exported):
-                raise SystemExit(f"--resume: the run in {out} is already at step {step} of {total_steps}"
-                                 f"{' and exported' if exported else ''}; raise --max-steps to train further, or "
-                                 "--overwrite to start again")
+                step = json.load(f)["step"]
+            if step >= total_steps:  # at the end already: only an export that is missing or torn is left to do
+                if step > total_steps or checkpoints.export_complete(os.path.join(out, "model")):
+                    raise SystemExit(f"--resume: the run in {out} is already at step {step} of {total_steps}; raise "
+                                     "--max-steps to train further, or --overwrite to start again")
             if env["master"]:
                 cut_logs(out, step, logs)
-                print(schedule_note(out, step, saved.get("total_steps", total_steps), total_steps))
     except SystemExit as e:
         error = e
     _all_ranks_agree(error, env["world"], env["device"])
@@ -207,19 +204,20 @@ def start_or_resume(out, identity, resume, overwrite, total_steps, env, model, o
         return {}, run_id
     state = checkpoints.load_checkpoint(ckpt, model, optimizer, env["rank"])
     if env["master"]:
-        print(f"resumed from {ckpt} at step {state['step']}")
+        print(f"resumed from {ckpt} at step {state['step']}: {schedule_note(out, state, total_steps)}")
     return state, run_id
 
 
-def schedule_note(out, step, planned, total_steps):
+def schedule_note(out, state, total_steps):
     """What a --resume does with the run's plan: finish it, export it again, or stretch it to a new --max-steps
     (the LR then follows the schedule of the new total from this step on, as in HF Trainer; README, Robustness)."""
+    step, planned = state["step"], state.get("total_steps", total_steps)
     if step == total_steps:
-        return f"--resume: training ended at step {step}; {out}/model is missing or torn: exporting it again"
+        return f"training had ended; {out}/model is missing or torn: exporting it again"
     if planned == total_steps:
-        return f"--resume: continuing at step {step} of {total_steps}"
-    return (f"--resume: the run was planned for {planned} steps, now {total_steps}: from step {step} on, the LR "
-            f"follows the schedule of {total_steps} steps (its warmup is not repeated)")
+        return f"continuing to step {total_steps}"
+    return (f"the run was planned for {planned} steps, now {total_steps}: from step {step} on, the LR follows the "
+            f"schedule of {total_steps} steps (its warmup is not repeated)")
 
 
 def cut_logs(out, step, logs):

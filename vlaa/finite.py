@@ -35,6 +35,11 @@ def skip_if_nonfinite(params, grad_norm, loss=None):
     return bool(bad)
 
 
+def forget_refused():
+    """A new run starts clean (a run called in-process after one that crashed mid-step)."""
+    _bad_updates.clear()
+
+
 def stop_if_refused(out, step, run_id, env):
     """At the end of step `step` (1-based, every rank): when an update was refused, stop with an error naming
     the step and the last good checkpoint. Every rank saw the same norm, so every rank stops."""

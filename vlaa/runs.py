@@ -168,8 +168,9 @@ def start_or_resume(out, identity, resume, overwrite, total_steps, env, model, o
     of this run, and a run already at --max-steps; it cuts the logs back to the checkpoint's step, so no step
     is logged twice. Checkpoints are tagged with the run id: pruning and resuming touch only this run's. A run
     whose training ended but whose OUT/model is missing or torn resumes at its last step: it is exported again."""
-    from vlaa import checkpoints
+    from vlaa import checkpoints, finite
 
+    finite.forget_refused()
     run_id = _sha256(json.dumps(identity, sort_keys=True).encode())[:16]
     outputs = ("checkpoints", "model", *logs)
     error, ckpt = None, None

@@ -28,6 +28,7 @@ import argparse
 
 from vlaa import flags
 from vlaa.datastage import add_generation_args, backend_from_args, check_stage_inputs, run_stage, sampling_from_args
+from vlaa.locks import hold
 
 # Our own wording of the paper's captioning instructions (App. A.1).
 CAPTION_PROMPT = """Write a detailed, structured caption of this image for a reader who cannot see it \
@@ -84,6 +85,7 @@ def caption_batch(items, gen, prompt, sampling):
 def main(argv=None):
     args = parse_args(argv)
     check_stage_inputs(args, "model")
+    hold(args.out + ".lock", what=args.out)  # one writer per output: a second start stops here, naming the first
     prompt = CAPTION_PROMPT
     if args.prompt_file:
         with open(args.prompt_file, encoding="utf-8") as f:

@@ -31,6 +31,7 @@ import argparse
 
 from vlaa import flags
 from vlaa.datastage import add_generation_args, backend_from_args, check_stage_inputs, run_stage, sampling_from_args
+from vlaa.locks import hold
 
 # Our own wording of the paper's "pretend you see the image" prompt (App. A.1). The prompt
 # ends with the Caption and Question blocks, which is also where the toy reasoner reads them.
@@ -84,6 +85,7 @@ def distill_batch(records, gen, system, sampling):
 def main(argv=None):
     args = parse_args(argv)
     check_stage_inputs(args, "model")
+    hold(args.out + ".lock", what=args.out)  # one writer per output: a second start stops here, naming the first
     gen = backend_from_args(args, args.model)
     sampling = sampling_from_args(args)
     stats = run_stage(args.inp, args.out, need=("id", "question", "caption"), batch_size=args.batch_size,

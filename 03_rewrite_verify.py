@@ -37,6 +37,7 @@ import rewards
 from vlaa import flags
 from vlaa.datastage import add_generation_args, backend_from_args, check_stage_inputs, run_stage, sampling_from_args
 from vlaa.jsonl import read_output, write_json, write_jsonl
+from vlaa.locks import hold
 from vlaa.records import AHA_WORDS, has_aha, normalize_verifier
 
 # Our own wording of the paper's minimal-edit rewrite prompt (App. Fig. 10); the text comes last.
@@ -265,6 +266,7 @@ def print_summary(summary):
 def main(argv=None):
     args = parse_args(argv)
     check_stage_inputs(args, "rewriter_model", "judge_model")
+    hold(os.path.join(args.out, ".lock"), what=args.out)  # one writer per output folder, before any model loads
     aha_words = tuple(w.strip().lower() for w in args.aha_words.split(",") if w.strip())
     rewriter = backend_from_args(args, args.rewriter_model) if args.rewriter_model else None
     judge = None

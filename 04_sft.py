@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 import rewards
-from vlaa import flags, qwen, runs, tracking, training
+from vlaa import flags, heldout, qwen, runs, tracking, training
 from vlaa.flags import nonneg_float, nonneg_int, positive_float, positive_int, probability
 from vlaa.qwen import SYSTEM_PROMPT, collate, prompt_encoder, to_device
 from vlaa.records import load_records
@@ -118,10 +118,11 @@ def train_step(model, optimizer, params, batches, grad_clip, world, device):
             loss, _ = token_loss_sum(model, to_device(b, device))
         (loss * world / n_tokens).backward()  # FSDP2 averages gradients over ranks: hence the * world
         loss_sum += loss.detach()
-    grad_norm = training.clip_grad_norm(params, grad_clip)
+    mean_loss = float(training.global_sum(loss_sum, world, device) / n_tokens)
+    grad_norm = training.clip_grad_norm(params, grad_clip, mean_loss)  # NaN/Inf: the step below changes nothing
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(training.global_sum(loss_sum, world, device) / n_tokens), grad_norm
+    return mean_loss, grad_norm
 
 
 def main(argv=None):
@@ -130,6 +131,7 @@ def main(argv=None):
     env = training.init_distributed()
     rank, world, device, master = env["rank"], env["world"], env["device"], env["master"]
     torch.manual_seed(args.seed)
+    runs.hold_run_folder(args.out, env)  # one writer per run folder: a second start stops here, naming the first
     args.max_pixels = qwen.training_max_pixels(args.model, args.max_pixels)  # the trainer's (and engine's)
 
     # model: fp32 master weights; bf16 compute on GPU (autocast, or FSDP2's policy when sharded)
@@ -159,7 +161,7 @@ def main(argv=None):
 
     state, run_id = runs.start_or_resume(args.out, runs.training_identity("04_sft", args), args.resume,
                                              args.overwrite, total_steps, env, model, optimizer)
-    start = state.get("step", 0)
+    start, warmup = state.get("step", 0), state.get("warmup", warmup)  # an extended run does not warm up again
     tracker = tracking.start(args, "04_sft", run_id, master)
     stop_requested = training.install_sigterm_handler()  # a preempted job saves before it stops
 
@@ -181,17 +183,17 @@ def main(argv=None):
                "tokens_per_s": float(seq_tokens) / dt, "samples_seen": (step + 1) * args.global_batch,
                "dropped_too_long": n_dropped, **training.peak_memory(device)}
         if held_out and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
-            rec |= training.held_out_accuracy(model, tokenizer, encode_prompt, held_out, score, world, rank, device,
-                                              args.eval_max_new_tokens)
+            rec |= heldout.held_out_accuracy(model, tokenizer, encode_prompt, held_out, score, world, rank, device,
+                                             args.eval_max_new_tokens)
         tracking.log(tracker, rec)
         if master:
             bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
         training.checkpoint_if_due(args.out, step + 1, total_steps, args.save_every, stop_requested, model, optimizer,
-                                   {"samples_seen": rec["samples_seen"]}, env, run_id)
+                                   {"samples_seen": rec["samples_seen"], "warmup": warmup}, env, run_id)
 
     training.finish_training(args.out, total_steps, model, optimizer,
-                                {"samples_seen": total_steps * args.global_batch}, tokenizer, image_processor, env,
-                                run_id=run_id)
+                             {"samples_seen": total_steps * args.global_batch, "warmup": warmup}, tokenizer,
+                             image_processor, env, run_id=run_id)
     tracking.finish(tracker)
 
 

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 import rewards
-from vlaa import colocate, flags, qwen, runs, tracking, training
+from vlaa import colocate, flags, heldout, qwen, runs, tracking, training
 from vlaa.flags import at_least, fraction, nonneg_float, nonneg_int, positive_float, positive_int, probability
 from vlaa.records import has_aha, load_records, normalize_verifier
 
@@ -396,6 +396,7 @@ def main(argv=None):
     rows_per_rank = args.rollout_batch // world * args.group_size
     train_rows = args.train_batch // world  # completions per optimizer update on this rank (divides rows_per_rank)
     torch.manual_seed(args.seed + rank)  # each rank samples its own completions
+    runs.hold_run_folder(args.out, env)  # one writer per run folder: a second start stops here, naming the first
     args.max_pixels = qwen.training_max_pixels(args.model, args.max_pixels)  # the trainer's (and engine's)
 
     # models: the policy (sharded under torchrun), a frozen reference, the reward model, the vLLM engine
@@ -426,7 +427,7 @@ def main(argv=None):
 
     state, run_id = runs.start_or_resume(args.out, runs.training_identity("05_grpo", args), args.resume, args.overwrite,
                                          total_steps, env, model, optimizer, logs=("metrics.jsonl", "rollouts.jsonl"))
-    start, kl_coef = state.get("step", 0), state.get("kl_coef", args.kl_coef)
+    start, kl_coef, warmup = state.get("step", 0), state.get("kl_coef", args.kl_coef), state.get("warmup", warmup)
     tracker = tracking.start(args, "05_grpo", run_id, master)
     stop_requested = training.install_sigterm_handler()  # a preempted job saves before it stops
     if master:
@@ -525,8 +526,8 @@ def main(argv=None):
                                        args.kl_horizon)
         if held_out and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
             score = lambda t, r: rewards.is_correct(rewards.mixed_reward(t, r, rm=rm))  # noqa: E731  (03, 06's rule)
-            metrics |= training.held_out_accuracy(model, tokenizer, encode, held_out, score, world, rank, device,
-                                                  args.eval_max_new_tokens or args.max_new_tokens)
+            metrics |= heldout.held_out_accuracy(model, tokenizer, encode, held_out, score, world, rank, device,
+                                                 args.eval_max_new_tokens or args.max_new_tokens)
         metrics = {"step": step + 1, "lr": lrs[0], "lr_last": lrs[-1], "kl_coef": kl_coef, **metrics}
         tracking.log(tracker, metrics)
         if master:
@@ -537,9 +538,9 @@ def main(argv=None):
             if (step + 1) % args.log_rollouts_every == 0 or step == 0:
                 tracking.log_rollouts(tracker, step + 1, samples[:2 * args.group_size], texts, rw.tolist())
         training.checkpoint_if_due(args.out, step + 1, total_steps, args.save_every, stop_requested, model, optimizer,
-                                   {"kl_coef": kl_coef}, env, run_id)
+                                   {"kl_coef": kl_coef, "warmup": warmup}, env, run_id)
 
-    training.finish_training(args.out, total_steps, model, optimizer, {"kl_coef": kl_coef}, tokenizer,
+    training.finish_training(args.out, total_steps, model, optimizer, {"kl_coef": kl_coef, "warmup": warmup}, tokenizer,
                                 image_processor, env, run_id=run_id, close_group=llm is None)
     tracking.finish(tracker)
     if llm is not None:

@@ -42,7 +42,7 @@ from typing import NamedTuple
 import torch
 
 import rewards
-from vlaa import backends, flags, jsonl, judge_prompts, qwen, records, runs
+from vlaa import backends, flags, jsonl, judge_prompts, locks, qwen, records, runs
 from vlaa import benchmarks as B
 from vlaa.openai_client import api_key_for
 
@@ -411,12 +411,7 @@ def data_identity(args):
         return "hub; toy: made in RUN_DIR/toy-data, seed 0"
     d = args.data_dir
     files = [d] if os.path.isfile(d) else sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".jsonl"))
-    return {"path": os.path.abspath(d), "sha256": {os.path.basename(f): sha256_file(f) for f in files}}
-
-
-def sha256_file(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return {"path": os.path.abspath(d), "sha256": {os.path.basename(f): runs.sha256_file(f) for f in files}}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -634,6 +629,7 @@ def main(argv=None):
     if not set(names) <= set(rules):
         raise SystemExit(f"unknown benchmark(s) {', '.join(set(names) - set(rules))}; known: {', '.join(rules)}, six")
     args.out = args.out or default_out(args)
+    locks.hold(os.path.join(args.out, ".lock"), what=args.out)  # one writer per RUN_DIR, before any model loads
     if args.backend == "auto":
         args.backend = "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
     args.batch_size = args.batch_size or (16 if args.backend == "hf" else 512)

@@ -18,6 +18,7 @@ import shutil
 
 import torch
 
+from vlaa import finite
 from vlaa.jsonl import InputError, read_json, write_json
 
 CKPT_DIR = re.compile(r"ckpt-(\d+)")
@@ -155,15 +156,21 @@ def save_checkpoint(out, step, model, optimizer, extra, rank=0, keep=2, run_id=N
     older checkpoints, keeping `keep`. Returns the folder."""
     from safetensors.torch import save_file
 
+    from vlaa.training import any_rank
+
     world = _world()
     path = os.path.join(out, "checkpoints", f"ckpt-{step}")
+    tensors, meta = rank_state(model, optimizer)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"  # NCCL's
+    if any_rank(finite.nonfinite_names(tensors), world, device):  # every rank refuses, before anything is touched
+        finite.refuse_nonfinite(tensors, path)
+        raise ValueError(f"not writing {path}: another rank holds NaN or Inf")
     if rank == 0:  # a stale or half-written folder of the same step goes first: DONE before anything else
         if os.path.exists(os.path.join(path, "DONE")):
             os.remove(os.path.join(path, "DONE"))
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path)
     _barrier()
-    tensors, meta = rank_state(model, optimizer)
     save_file(tensors, os.path.join(path, f"rank-{rank}.safetensors"), metadata={"format": "vlaa-ckpt-1"})
     write_json(os.path.join(path, f"rank-{rank}.json"), {"step": step, "rank": rank, "world": world,
                                                            "run_id": run_id, **meta})
@@ -296,7 +303,9 @@ def load_checkpoint(path, model, optimizer, rank=0):
 
 def export_hf(model, tokenizer, image_processor, out, rank=0, dtype=None):
     """The final model as a plain Hugging Face folder that transformers and vLLM load like any
-    Qwen2.5-VL checkpoint. Under FSDP2 the full weights are gathered (a collective: every rank calls)."""
+    Qwen2.5-VL checkpoint. Under FSDP2 the full weights are gathered (a collective: every rank calls).
+    Atomic: written into OUT.partial, then renamed to OUT, so OUT is complete or absent (a kill mid-export
+    leaves no torn folder; --resume of a finished run exports again). Refused if any weight is NaN or Inf."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -304,10 +313,36 @@ def export_hf(model, tokenizer, image_processor, out, rank=0, dtype=None):
         return None
     dtype = dtype or next(iter(sd.values())).dtype
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    finite.refuse_nonfinite(sd, out)  # after the cast: a value too large for dtype is Inf there
     # FSDP2 renames the class (FSDPQwen2_5_VL...): record the real architecture for from_pretrained
     arch = next(c.__name__ for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
     model.config.architectures = [arch]
-    model.save_pretrained(out, state_dict=sd)
-    tokenizer.save_pretrained(out)
-    image_processor.save_pretrained(out)
+    partial = out.rstrip(os.sep) + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)  # a killed export's leftovers
+    model.save_pretrained(partial, state_dict=sd)
+    tokenizer.save_pretrained(partial)
+    image_processor.save_pretrained(partial)
+    shutil.rmtree(out, ignore_errors=True)  # a torn or older export: replaced whole
+    os.rename(partial, out)
     return out
+
+
+EXPORT_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json")
+
+
+def export_complete(folder):
+    """True when `folder` is a whole export: its config files are JSON and every weight file its index names
+    (or model.safetensors) is a safetensors file whose header matches its size (a truncated file fails here)."""
+    from safetensors import safe_open
+
+    if not all(isinstance(_read_json(os.path.join(folder, f)), dict) for f in EXPORT_FILES):
+        return False
+    index = _read_json(os.path.join(folder, "model.safetensors.index.json"))
+    names = set(index.get("weight_map", {}).values()) if index else {"model.safetensors"}
+    try:
+        for name in names:
+            with safe_open(os.path.join(folder, name), framework="pt"):
+                pass
+    except Exception:  # missing, truncated, not safetensors: all the same here, export again
+        return False
+    return bool(names)

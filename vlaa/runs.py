@@ -30,6 +30,15 @@ def _sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_file(path, chunk=1 << 20):
+    """The sha256 of a file's bytes, streamed (a data file of any size, in constant memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def fingerprint_model(path):
     """A model folder -> {path: its resolved path, config: sha256 of config.json, weights: sha256 of the sorted
     weight files' names and sizes}. The weights' bytes are not read: a 15 GB checkpoint is fingerprinted in
@@ -137,12 +146,28 @@ NOT_IDENTITY = {"out", "resume", "overwrite", "max_steps", "save_every", "log_ro
 
 def training_identity(stage, args):
     """What determines a training run's results: the stage, the starting model (vlaa.runs.fingerprint_model),
-    the data file (path and size) and every flag but those in NOT_IDENTITY. --max-steps is not part of it, so
-    a finished run can be extended with --resume and a larger --max-steps."""
+    the data file (path, size and the sha256 of its bytes: a shuffled or edited file of the same size is another
+    run) and every flag but those in NOT_IDENTITY. --max-steps is not part of it, so a finished run can be
+    extended with --resume and a larger --max-steps."""
     data = os.path.realpath(args.data)
     flags = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IDENTITY | {"model", "data"}}
     return run_identity(stage=stage, model=fingerprint_model(args.model),
-                        data={"path": data, "bytes": os.path.getsize(data)}, flags=flags)
+                        data={"path": data, "bytes": os.path.getsize(data), "sha256": sha256_file(data)}, flags=flags)
+
+
+def hold_run_folder(out, env):
+    """One writer per run folder: rank 0 (which writes run.json, the logs and the export, and starts every
+    checkpoint) holds OUT/.lock for the whole job; a second job on OUT stops on every rank before any model
+    loads, naming the holder (vlaa/locks.py)."""
+    from vlaa import locks
+
+    error = None
+    if env["master"]:
+        try:
+            locks.hold(os.path.join(out, ".lock"), what=out)
+        except SystemExit as e:
+            error = e
+    _all_ranks_agree(error, env["world"], env["device"])
 
 
 def _all_ranks_agree(error, world, device):
@@ -162,9 +187,11 @@ def start_or_resume(out, identity, resume, overwrite, total_steps, env, model, o
     A fresh run refuses a folder that holds another run, or this one already (started or finished), unless
     overwrite (then the old outputs go). --resume refuses another run's folder, a folder with no checkpoint
     of this run, and a run already at --max-steps; it cuts the logs back to the checkpoint's step, so no step
-    is logged twice. Checkpoints are tagged with the run id: pruning and resuming touch only this run's."""
-    from vlaa import checkpoints
+    is logged twice. Checkpoints are tagged with the run id: pruning and resuming touch only this run's. A run
+    whose training ended but whose OUT/model is missing or torn resumes at its last step: it is exported again."""
+    from vlaa import checkpoints, finite
 
+    finite.forget_refused()
     run_id = _sha256(json.dumps(identity, sort_keys=True).encode())[:16]
     outputs = ("checkpoints", "model", "tensorboard", "wandb", *logs)  # --overwrite clears the trackers too
     error, ckpt = None, None
@@ -184,9 +211,10 @@ def start_or_resume(out, identity, resume, overwrite, total_steps, env, model, o
                 raise SystemExit(f"--resume: {out} has no complete checkpoint of this run; start it without --resume "
                                  "(with --overwrite to clear the folder)")
             step = checkpoints.read_trainer(ckpt)["step"]  # missing, damaged or an impossible step: named
-            if step >= total_steps:
-                raise SystemExit(f"--resume: the run in {out} is already at step {step} of {total_steps}; raise "
-                                 "--max-steps to train further, or --overwrite to start again")
+            if step >= total_steps:  # at the end already: only an export that is missing or torn is left to do
+                if step > total_steps or checkpoints.export_complete(os.path.join(out, "model")):
+                    raise SystemExit(f"--resume: the run in {out} is already at step {step} of {total_steps}; raise "
+                                     "--max-steps to train further, or --overwrite to start again")
             if env["master"]:
                 cut_logs(out, step, logs)
     except (SystemExit, InputError) as e:  # every rank stops, and says why once
@@ -196,8 +224,20 @@ def start_or_resume(out, identity, resume, overwrite, total_steps, env, model, o
         return {}, run_id
     state = checkpoints.load_checkpoint(ckpt, model, optimizer, env["rank"])
     if env["master"]:
-        print(f"resumed from {ckpt} at step {state['step']}")
+        print(f"resumed from {ckpt} at step {state['step']}: {schedule_note(out, state, total_steps)}")
     return state, run_id
+
+
+def schedule_note(out, state, total_steps):
+    """What a --resume does with the run's plan: finish it, export it again, or stretch it to a new --max-steps
+    (the LR then follows the schedule of the new total from this step on, as in HF Trainer; README, Robustness)."""
+    step, planned = state["step"], state.get("total_steps", total_steps)
+    if step == total_steps:
+        return f"training had ended; {out}/model is missing or torn: exporting it again"
+    if planned == total_steps:
+        return f"continuing to step {total_steps}"
+    return (f"the run was planned for {planned} steps, now {total_steps}: from step {step} on, the LR follows the "
+            f"schedule of {total_steps} steps (its warmup is not repeated)")
 
 
 def cut_logs(out, step, logs):

@@ -4,15 +4,19 @@ The trainers call these by name so that their own files show the algorithm: `ini
 same script runs under `python` and `torchrun`), `shard_model` (FSDP2, one unit per decoder layer),
 `cosine_lr` (per optimizer update), `step_indices` (which records a step sees: resumable), the
 metric reductions over ranks, and the checkpoint cadence, the save on SIGTERM and the end of a run.
+Held-out accuracy during training is vlaa/heldout.py; the NaN/Inf guards, vlaa/finite.py.
 """
 
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
 
 import torch
+
+from vlaa import finite
 
 # FSDP2 and a process group even on one process: bench/gpu_check.py sets it to exercise NCCL and FSDP2's
 # bf16 mixed precision on a single GPU. Normal runs shard only under torchrun with several ranks.
@@ -122,8 +126,6 @@ def autocast(device):
 def warmup_updates(total_updates, warmup_ratio):
     """Warmup length in optimizer updates, rounded up (OpenRLHF: ceil(updates * lr_warmup_ratio)), so a short
     run with warmup on still warms up."""
-    import math
-
     return math.ceil(total_updates * warmup_ratio)
 
 
@@ -132,8 +134,6 @@ def cosine_lr(update, total_updates, peak_lr, warmup=0, min_lr=0.0):
     from peak_lr down to min_lr. The schedule has one point per optimizer update, not per rollout step: the
     paper's 49 GRPO steps (25,195 // 512) of 512 x 4 / 256 = 8 updates are 392 (transformers' cosine_with_min_lr
     schedule, which OpenRLHF steps once per update; the paper's LR1/LR2 set min LR and warmup)."""
-    import math
-
     if update < warmup:
         return peak_lr * update / warmup
     progress = min(1.0, (update - warmup) / max(1, total_updates - warmup))
@@ -223,49 +223,13 @@ def gradient_sync(model, on):
         model.set_requires_gradient_sync(on)
 
 
-def clip_grad_norm(params, max_norm):
-    """Clip the gradient norm over all ranks' shards; returns the norm before clipping, as a float."""
+def clip_grad_norm(params, max_norm, loss=None):
+    """Clip the gradient norm over all ranks' shards; returns the norm before clipping, as a float. A non-finite
+    norm or (global) loss drops the gradients, so the optimizer.step that follows changes nothing (vlaa/finite.py)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Held-out validation during training (--eval-data, --eval-every in 04 and 05)
-
-
-@torch.no_grad()
-def held_out_accuracy(model, tokenizer, encode, records, score, world, rank, device, max_new_tokens=256,
-                      batch_size=16):
-    """Greedy accuracy on held-out records, overall and per verifier type, sharded over ranks (each rank
-    answers records[rank::world], the counts are summed) -> {"eval/accuracy": ..., "eval/accuracy/<type>": ...}.
-    score(completion, record) -> bool is the stage's rule (rewards.is_correct of the mixed reward). Under
-    FSDP2 every rank must run the same number of generate calls: short shards repeat their last record,
-    whose extra answers are not counted."""
-    from vlaa.qwen import collate, sample_completions, to_device
-
-    mine = records[rank::world]
-    per_rank = -(-len(records) // world)  # ceil: every rank takes this many
-    padded = mine + mine[-1:] * (per_rank - len(mine)) if mine else records[:1] * per_rank
-    right, total = {}, {}
-    was_training = model.training
-    model.eval()
-    for s in range(0, per_rank, batch_size):
-        chunk = padded[s:s + batch_size]
-        batch = to_device(collate([encode(r) for r in chunk], tokenizer.pad_token_id), device)
-        comp, _ = sample_completions(model, batch, max_new_tokens, temperature=0.0, pad_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
-        for i, (r, t) in enumerate(zip(chunk, texts)):
-            if s + i >= len(mine):
-                break  # padding
-            vtype = r["verifier_type"]
-            total[vtype] = total.get(vtype, 0) + 1
-            right[vtype] = right.get(vtype, 0) + bool(score(t, r))
-    model.train(was_training)
-    types = sorted({r["verifier_type"] for r in records})  # the same keys on every rank
-    sums = {f"right/{t}": float(right.get(t, 0)) for t in types} | {f"n/{t}": float(total.get(t, 0)) for t in types}
-    sums = reduce_metrics({}, sums, world, device)
-    out = {"eval/accuracy": sum(sums[f"right/{t}"] for t in types) / max(1.0, sum(sums[f"n/{t}"] for t in types))}
-    return out | {f"eval/accuracy/{t}": sums[f"right/{t}"] / sums[f"n/{t}"] for t in types if sums[f"n/{t}"]}
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    finite.skip_if_nonfinite(params, norm, loss)
+    return norm
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -322,28 +286,33 @@ def checkpoint_if_due(out, step, total_steps, save_every, stop_requested, model,
     step is saved by finish_training."""
     from vlaa import checkpoints
 
+    finite.stop_if_refused(out, step, run_id, env)  # a NaN/Inf loss or gradient norm in this step: stop here
     save_every = save_every or checkpoints.default_save_every(total_steps)
     stopping = any_rank(stop_requested(), env["world"], env["device"])
     if step < total_steps and (stopping or step % save_every == 0):
-        path = checkpoints.save_checkpoint(out, step, model, optimizer, extra, env["rank"], run_id=run_id)
+        path = checkpoints.save_checkpoint(out, step, model, optimizer, {**extra, "total_steps": total_steps},
+                                           env["rank"], run_id=run_id)
         if stopping:
             exit_after_sigterm(path, step, env["rank"])
 
 
 def finish_training(out, step, model, optimizer, extra, tokenizer, image_processor, env, run_id=None,
                     close_group=True):
-    """The end of 04 and 05: a last checkpoint, the Hugging Face export (bf16 from a GPU run), SIGTERM's handler
-    put back, and the process group closed (unless a vLLM engine will close it in its own teardown). Returns the
-    model folder on rank 0."""
+    """The end of 04 and 05: a last checkpoint (kept if this run's is there: a --resume that only exports), the
+    Hugging Face export (atomic; bf16 from a GPU run), SIGTERM's handler put back, OUT's lock released, and the
+    process group closed (unless a vLLM engine closes it in its own teardown). Returns the model folder on rank 0."""
     import torch.distributed as dist
 
-    from vlaa import checkpoints
+    from vlaa import checkpoints, locks
 
-    checkpoints.save_checkpoint(out, step, model, optimizer, extra, env["rank"], run_id=run_id)
+    if os.path.basename(checkpoints.latest_checkpoint(out, run_id=run_id) or "") != f"ckpt-{step}":
+        checkpoints.save_checkpoint(out, step, model, optimizer, {**extra, "total_steps": step}, env["rank"],
+                                    run_id=run_id)
     dtype = torch.bfloat16 if env["device"].type == "cuda" else torch.float32
     folder = checkpoints.export_hf(model, tokenizer, image_processor, os.path.join(out, "model"), env["rank"], dtype)
     if env["master"]:
         print(f"saved {folder}")
+        locks.release(os.path.join(out, ".lock"))
     restore_sigterm_handler()
     if close_group and dist.is_initialized():
         dist.destroy_process_group()

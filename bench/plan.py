@@ -136,7 +136,7 @@ def plan(stage, size, gpus, micro, checkpointing, ref_offload=False, card="H100"
     size: "3b", "7b" or a shape dict; seq, new_tokens: a micro-batch's row length and completion length
     (default: the paper's); vllm=False: rollouts by transformers generate (no engine's share)."""
     m = QWEN25_VL[size] if isinstance(size, str) else size
-    total, lm, vis = param_counts(m)
+    total, lm, vis = param_counts(m, m.get("vision", VISION))
     trained = lm  # vision frozen
     h, v = m["hidden"], m["vocab"]
     r = 4 if gpus == 1 else 2

@@ -1,10 +1,11 @@
 """The prepared GPU check: 04_sft.py and 05_grpo.py on a random Qwen2.5-VL of the real 3B shapes, under
 torchrun with an NCCL process group and FSDP2 even on one GPU, timed per step; then TRL's GRPOTrainer on the
-identical GRPO workload, as a ratio. One call of a lent H200, under 6 minutes.
+identical GRPO workload, as a ratio; and one 05 step at the paper's lengths as the README's 1-GPU command runs
+it, with and without --ref-offload, its peak next to bench/plan.py's. One call of a lent H100/H200, under 8 minutes.
 
     # on a lent H200, as ONE call of the device tool (what to do before it: docs/gpu_check.md)
     run(command="PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --size 3b --wheels .whl --out $OUT",
-        carry=[".whl"], timeout_s=360)
+        carry=[".whl"], timeout_s=480)
     # on a CPU: the same path at the toy size (gloo, fp32), under a minute; tests/test_gpu_check.py runs it
     python bench/gpu_check.py --size toy --out runs/gpu_check
 
@@ -21,7 +22,11 @@ What happens, in order:
      sample about 1,024 tokens (a response of filler text cut to length).
   4. 05 the same way: `--rollout hf`, 4 prompts x G 4, 128 new tokens (a random model rarely stops early),
      KL on (--kl-coef 0.001: a reference model is loaded too), all 16 completions in one forward.
-  5. TRL's GRPOTrainer on the identical 05 workload (the same folder, images, prompts, reward function, G,
+  5. 05 once more, as plain python (the README's 1-GPU command: no torchrun, no FSDP): one step of 2 prompts x
+     G 4 at 1,024 new tokens, micro-batch 2, --activation-checkpointing, two updates (the second meets AdamW's
+     state; old log-probs are computed); then the same with --ref-offload. Each prints its measured peak
+     (torch.cuda.max_memory_allocated) next to bench/plan.py's prediction for those lengths (without vLLM).
+  6. TRL's GRPOTrainer on the identical 05 workload (the same folder, images, prompts, reward function, G,
      lengths, KL coefficient, fp32 weights with bf16 autocast), as a plain single-GPU process (no FSDP), when
      `import trl` works and 1.5x the time 05 took still fits in --budget-s.
 Neither 04 nor 05 writes its final checkpoint and export here (finish_training is replaced by closing the

@@ -199,8 +199,8 @@ def table(markdown=False):
         p = plan(stage, size, gpus, micro, ckpt, offload, card)
         flags = f"--micro-batch {micro}" + (" --activation-checkpointing" if ckpt else "") \
             + (" --ref-offload" if offload else "")
-        verdict = f"fits {card} ({p['peak']:.0f} of {CARDS[card]:.0f} GiB)" if p["fits"] else \
-            f"does not fit {card} ({p['peak']:.0f} GiB)"
+        word = "fits" if p["peak"] <= 0.9 * CARDS[card] else "tight on" if p["fits"] else "does not fit"
+        verdict = f"{p['peak']:.0f} GiB: {word} {card} ({CARDS[card]:.0f})"
         time = f"~{hours(stage, size, gpus):.1f} h" if p["fits"] else "-"
         rows.append((size.upper(), "SFT (04)" if stage == "sft" else "GRPO (05)", gpus, flags, verdict, time))
     if markdown:

@@ -11,9 +11,11 @@ that you can measure it (05_grpo.py starts from its output).
         --global-batch 32 --micro-batch 32 --lr 2e-3 --max-steps 300
     # one GPU, Qwen2.5-VL-3B on the released data (paper: global batch 128, vision frozen, ~1 epoch)
     python 04_sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data VLAA-Thinking-SFT-126K.json \
-        --image-root /data/vlaa/images --out runs/sft-3b --micro-batch 2 --activation-checkpointing
+        --image-root /data/vlaa/images --out runs/sft-3b --micro-batch 1 --activation-checkpointing
     # 8 GPUs (FSDP2 + NCCL); several nodes: add torchrun's --nnodes/--node-rank/--rdzv-endpoint
-    torchrun --nproc_per_node 8 04_sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data ... --out runs/sft-7b
+    torchrun --nproc_per_node 8 04_sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data ... --out runs/sft-7b \
+        --micro-batch 2 --activation-checkpointing
+    # what fits which GPU (H100 80 GB here), term by term: python bench/plan.py
 
 Outputs in --out: run.json (what made the run), metrics.jsonl (one line per step), checkpoints/ckpt-STEP
 (every ~10% of the run and on SIGTERM, resumable with --resume; docs/checkpoints.md),

@@ -10,11 +10,11 @@ rollouts, the loop. Plumbing (torchrun, FSDP2, checkpoints, the colocated vLLM e
     # CPU, the demo's toy instruct base: the reward rises within a minute (the README's toy run has every flag)
     python 05_grpo.py --model assets/toy-base --data runs/data/final/rl.jsonl --out runs/grpo --rollout-batch 8 \
         --group-size 8 --train-batch 64 --micro-batch 64 --max-new-tokens 64 --lr 1e-4 --min-lr 1e-5 --kl-coef 0
-    # one GPU, Qwen2.5-VL-3B on the released RL data, rollouts in a colocated vLLM engine
-    python 05_grpo.py --model Qwen/Qwen2.5-VL-3B-Instruct --data VLAA-Thinking-GRPO-25K.json \
-        --image-root /data/vlaa/images --out runs/grpo-3b --rollout vllm --micro-batch 4
-    # 8 GPUs (FSDP2 + NCCL, one vLLM engine per rank); several nodes: torchrun's --nnodes/--rdzv-endpoint
-    torchrun --nproc_per_node 8 05_grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --data ... --rollout vllm
+    # one H100 (3B), then 8 GPUs (FSDP2 + NCCL), one colocated vLLM engine per GPU; fits: python bench/plan.py
+    python 05_grpo.py --model Qwen/Qwen2.5-VL-3B-Instruct --data VLAA-Thinking-GRPO-25K.json --out runs/grpo-3b \
+        --rollout vllm --micro-batch 2 --activation-checkpointing --ref-offload --image-root /data/vlaa/images
+    torchrun --nproc_per_node 8 05_grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --data ... --rollout vllm \
+        --micro-batch 4 --activation-checkpointing
 
 Defaults are the paper's (docs/paper.md): G=4, temperature 0.8, rollout batch 512 prompts, train batch
 256 completions (8 optimizer updates per rollout), 1 episode, cosine LR to a minimum with warmup ("LR2"),

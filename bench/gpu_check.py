@@ -1,10 +1,11 @@
 """The prepared GPU check: 04_sft.py and 05_grpo.py on a random Qwen2.5-VL of the real 3B shapes, under
 torchrun with an NCCL process group and FSDP2 even on one GPU, timed per step; then TRL's GRPOTrainer on the
-identical GRPO workload, as a ratio. One call of a lent H200, under 6 minutes.
+identical GRPO workload, as a ratio; and one 05 step at the paper's lengths as the README's 1-GPU command runs
+it, with and without --ref-offload, its peak next to bench/plan.py's. One call of a lent H100/H200, under 8 minutes.
 
     # on a lent H200, as ONE call of the device tool (what to do before it: docs/gpu_check.md)
     run(command="PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --size 3b --wheels .whl --out $OUT",
-        carry=[".whl"], timeout_s=360)
+        carry=[".whl"], timeout_s=480)
     # on a CPU: the same path at the toy size (gloo, fp32), under a minute; tests/test_gpu_check.py runs it
     python bench/gpu_check.py --size toy --out runs/gpu_check
 
@@ -21,7 +22,11 @@ What happens, in order:
      sample about 1,024 tokens (a response of filler text cut to length).
   4. 05 the same way: `--rollout hf`, 4 prompts x G 4, 128 new tokens (a random model rarely stops early),
      KL on (--kl-coef 0.001: a reference model is loaded too), all 16 completions in one forward.
-  5. TRL's GRPOTrainer on the identical 05 workload (the same folder, images, prompts, reward function, G,
+  5. 05 once more, as plain python (the README's 1-GPU command: no torchrun, no FSDP): one step of 2 prompts x
+     G 4 at 1,024 new tokens, micro-batch 2, --activation-checkpointing, two updates (the second meets AdamW's
+     state; old log-probs are computed); then the same with --ref-offload. Each prints its measured peak
+     (torch.cuda.max_memory_allocated) next to bench/plan.py's prediction for those lengths (without vLLM).
+  6. TRL's GRPOTrainer on the identical 05 workload (the same folder, images, prompts, reward function, G,
      lengths, KL coefficient, fp32 weights with bf16 autocast), as a plain single-GPU process (no FSDP), when
      `import trl` works and 1.5x the time 05 took still fits in --budget-s.
 Neither 04 nor 05 writes its final checkpoint and export here (finish_training is replaced by closing the
@@ -55,36 +60,56 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench import plan  # noqa: E402  (the memory plan whose prediction is printed next to the measured peak)
 
 # the real workload (GPU) and the same path at toy size (the CPU test)
 WORKLOADS = {
-    "3b": dict(seq=1024, micro=2, global_batch=16, prompts=4, G=4, new_tokens=128, image_px=448),
-    "toy": dict(seq=160, micro=2, global_batch=4, prompts=2, G=2, new_tokens=16, image_px=112),
+    "3b": dict(seq=1024, micro=2, global_batch=16, prompts=4, G=4, new_tokens=128, image_px=448,
+               # one 05 step at the paper's lengths as the README's 1-GPU command runs it (plain python)
+               paper=dict(prompts=2, G=4, new_tokens=1024, train=4, micro=2)),
+    "toy": dict(seq=160, micro=2, global_batch=4, prompts=2, G=2, new_tokens=16, image_px=112,
+                paper=dict(prompts=2, G=2, new_tokens=24, train=2, micro=1)),
 }
 KL_COEF, LR, TEMPERATURE = 1e-3, 1e-6, 1.0
 NEVER = str(10 ** 9)  # --save-every / --log-rollouts-every that never come
 TRL_VS_OURS = 1.5  # TRL starts only if this many times 05's whole run (loading included) still fits the budget
 
 
-def qwen25_vl_3b_config(ids):
-    """Qwen2.5-VL-3B-Instruct's shapes (its config.json), with the toy tokenizer's special token ids."""
+def qwen25_vl_config(ids, size="3b"):
+    """Qwen2.5-VL-3B- or -7B-Instruct's shapes (their config.json; bench/plan.py holds them), with the toy
+    tokenizer's special token ids."""
     from transformers import Qwen2_5_VLConfig
 
+    m = plan.QWEN25_VL[size]
     return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-            num_attention_heads=16, num_key_value_heads=2, hidden_act="silu", rms_norm_eps=1e-6,
-            max_position_embeddings=128000, use_sliding_window=False, sliding_window=32768,
+            vocab_size=m["vocab"], hidden_size=m["hidden"], intermediate_size=m["intermediate"],
+            num_hidden_layers=m["layers"], num_attention_heads=m["heads"], num_key_value_heads=m["kv_heads"],
+            hidden_act="silu", rms_norm_eps=1e-6, max_position_embeddings=128000, use_sliding_window=False,
+            sliding_window=32768,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=True),
+            tie_word_embeddings=m["tied"]),
         vision_config=dict(
             depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, hidden_act="silu", patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=2048, window_size=112,
+            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=m["hidden"], window_size=112,
             fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
+        tie_word_embeddings=m["tied"])
+
+
+def model_shape(model_dir):
+    """The shapes bench/plan.py needs, from a model folder's config.json (the toy's, or the 3B made here)."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        c = json.load(f)
+    t, v = c.get("text_config", c), c["vision_config"]
+    return dict(vocab=t["vocab_size"], hidden=t["hidden_size"], layers=t["num_hidden_layers"],
+                heads=t["num_attention_heads"], kv_heads=t["num_key_value_heads"],
+                intermediate=t["intermediate_size"], tied=c.get("tie_word_embeddings", t.get("tie_word_embeddings")),
+                vision=dict(depth=v["depth"], hidden=v["hidden_size"], intermediate=v["intermediate_size"],
+                            heads=v["num_heads"], patch=v["patch_size"], temporal=v["temporal_patch_size"],
+                            merge=v["spatial_merge_size"]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -120,7 +145,7 @@ def build_model(folder, size, device, image_px):
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in toy.SPECIAL_TOKENS}
         torch.manual_seed(0)
         with torch.device(device):
-            model = Qwen2_5_VLForConditionalGeneration._from_config(qwen25_vl_3b_config(ids), dtype=torch.bfloat16)
+            model = Qwen2_5_VLForConditionalGeneration._from_config(qwen25_vl_config(ids), dtype=torch.bfloat16)
         model.generation_config = GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
         for f in glob.glob(os.path.join(folder, "model*.safetensors*")):
             os.remove(f)
@@ -249,7 +274,7 @@ def run_stage(stage, argv, result):
     def log_metrics(path, rec):  # once per step, after its optimizer step: the step ends here
         if path.endswith("metrics.jsonl"):
             steps.append({"step": rec["step"], "wall": time.perf_counter() - cur["t0"], "flops": cur["flops"],
-                          "train_tokens": cur["tokens"], **cur["parts"],
+                          "train_tokens": cur["tokens"], "seq": cur.get("seq"), **cur["parts"],
                           **{k: rec[k] for k in ("loss", "completion_len", "time_generate", "time_score",
                                                  "time_train", "peak_memory_gb") if k in rec}})
             if "peak_memory_gb" not in rec:  # CPU: this process's largest resident size so far
@@ -276,6 +301,7 @@ def run_stage(stage, argv, result):
 
         def counted_token_logprobs(model, batch, *a, **kw):
             count(model, batch["attention_mask"].sum(1), 6 if torch.is_grad_enabled() else 2)
+            cur["seq"] = max(cur.get("seq", 0), batch["input_ids"].shape[1])  # the longest row: the plan's length
             return token_logprobs(model, batch, *a, **kw)
 
         mod.token_logprobs = counted_token_logprobs
@@ -429,6 +455,39 @@ def trl_columns():
             ("len", "completion_len", "6.1f"), ("peak_GB", "peak_memory_gb", "7.1f")]
 
 
+def paper_step(name, extra, model_dir, data, p, args, device, gpu):
+    """One 05 step at the paper's completion length with the README's 1-GPU micro-batch and activation
+    checkpointing (`--rollout hf`: no vLLM here), as plain python like the README's command; two updates, so
+    that the second meets AdamW's state and the old log-probs' pass -> its numbers and the plan's peak."""
+    rows = p["prompts"] * p["G"]
+    env = {k: v for k, v in os.environ.items() if k != "VLAA_FORCE_FSDP"}
+    steps, seconds = launch(name, [
+        "--model", model_dir, "--data", data, "--out", os.path.join(args.work, f"out-{name}"), "--rollout", "hf",
+        "--rollout-batch", str(p["prompts"]), "--group-size", str(p["G"]), "--train-batch", str(p["train"]),
+        "--micro-batch", str(p["micro"]), "--max-new-tokens", str(p["new_tokens"]), "--activation-checkpointing",
+        "--temperature", str(TEMPERATURE), "--kl-coef", str(KL_COEF), "--lr", str(LR), "--min-lr", str(LR),
+        "--warmup-ratio", "0", "--max-steps", "1", "--save-every", NEVER, "--log-rollouts-every", NEVER, *extra],
+        args, env, torchrun=False)
+    out = {"seconds": seconds, "workload": p, "flags": extra}
+    if not steps:
+        return out
+    s = steps[-1]
+    predicted = plan.plan("grpo", model_shape(model_dir), 1, p["micro"], True, "--ref-offload" in extra,
+                          card="H200" if "H200" in gpu else "H100", seq=s["seq"], new_tokens=p["new_tokens"],
+                          vllm=False)
+    out |= {"steps": steps, "plan_peak_gb": predicted["peak"], "plan": {k: v for k, v in predicted.items()
+                                                                         if isinstance(v, float)}}
+    measured = s["peak_memory_gb"]
+    kind = "GiB, torch.cuda.max_memory_allocated" if device.type == "cuda" else "GiB of resident memory (CPU: " \
+        "not comparable)"
+    print(f"\n05 at the paper's lengths, {' '.join(extra) or 'reference on the GPU'}: {rows} completions of "
+          f"{s['completion_len']:.0f} tokens (rows of {s['seq']}), micro-batch {p['micro']}, activation "
+          f"checkpointing, 2 updates: step {s['wall']:.1f} s ({seconds:.0f} s with loading); peak {measured:.1f} "
+          f"{kind}; plan {predicted['peak']:.1f} GiB (estimated; ratio {measured / predicted['peak']:.2f})",
+          flush=True)
+    return out
+
+
 def trl_available(args):
     if args.no_trl:
         return False, "--no-trl"
@@ -441,8 +500,8 @@ def trl_available(args):
 
 def worker(name, result, *rest):
     """A part in a child process: `--worker sft|grpo RESULT STAGE-ARGS...` or `--worker trl RESULT SPEC-JSON`."""
-    if name in ("sft", "grpo"):
-        return run_stage(name, list(rest), result)
+    if name == "sft" or name.startswith("grpo"):  # grpo, grpo-paper, grpo-offload
+        return run_stage("sft" if name == "sft" else "grpo", list(rest), result)
     spec = json.loads(rest[0])
     return run_trl(spec["model"], spec["data"], spec["workload"], spec["steps"], spec["work"], result)
 
@@ -461,9 +520,9 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="steps of 04 and of 05 (default: %(default)s)")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="the card's dense bf16 peak, the MFU's denominator (H200: %(default)s)")
-    ap.add_argument("--budget-s", type=float, default=330.0, help="TRL runs only if it would end (at 1.5x the "
+    ap.add_argument("--budget-s", type=float, default=450.0, help="TRL runs only if it would end (at 1.5x the "
                     "time 05 took) within this many seconds of the start (default: %(default)s; the call's "
-                    "timeout is 360)")
+                    "timeout is 480)")
     ap.add_argument("--no-trl", action="store_true", help="skip TRL even when it is installed")
     args = ap.parse_args()
     w = WORKLOADS[args.size]
@@ -542,6 +601,13 @@ def main():
         else:
             failed.append("grpo")
         report(args, data)
+
+        # one 05 step at the paper's lengths as the README's 1-GPU command runs it (plain python, no FSDP),
+        # then with --ref-offload: the out-of-memory check, measured peak next to bench/plan.py's prediction
+        for name, extra in (("grpo-paper", []), ("grpo-offload", ["--ref-offload"])):
+            data[name] = paper_step(name, extra, model_dir, rl, w["paper"], args, device, gpu)
+            failed += [] if data[name].get("steps") else [name]
+            report(args, data)
 
         # TRL on the same GRPO workload, when installed and there is time for it
         elapsed = time.time() - t_start

@@ -3,6 +3,15 @@ does it compare with TRL's GRPOTrainer doing the identical work?
 
     python bench/grpo_step.py [--quick]          # the project venv (torch 2.13.0+cpu): no TRL column
     .venv-bench/bin/python bench/grpo_step.py [--quick]          # with the TRL column (venv below)
+    python bench/grpo_step.py --real-vocab       # the real vocabulary: step time and peak memory (~5 min)
+
+--real-vocab: at vocabulary 951 the step mostly measures Python overhead; Qwen2.5-VL's is 151,936, and there
+the log-prob path dominates memory. This workload replaces the tiny model by a random Qwen2.5-VL with
+the real vocabulary and toy.py's "small" body (hidden 128, 4 layers), 4 prompts x G 4 in micro-batches of 4,
+at 64 / 256 / 512 new tokens (--lengths), 2 threads; one fresh process per length (and per side), its
+numbers the median of steps 3..N, and its peak memory the process's largest resident size (ru_maxrss:
+torch itself is ~0.4 GB of it). Sampled ids beyond the toy tokenizer's 951 decode to nothing; a random
+model rarely stops, so completions run to the cap. With TRL installed, its side runs the same shapes.
 
 Workload: the tiny random Qwen2.5-VL (toy.py), toy colour questions
 on 56 px images with 05's prompt (VLAA system prompt, image, question), 1 prompt x G=8 completions per step,
@@ -40,6 +49,7 @@ import functools
 import importlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -101,7 +111,7 @@ def run_ours(args):
         if path.endswith("metrics.jsonl"):
             steps.append({"t": time.perf_counter(), "generate": rec["time_generate"], "score": rec["time_score"],
                           "train": rec["time_train"], "len": rec["completion_len"], "model": dict(clock.t),
-                          "shape": clock.shape.get("policy forward")})
+                          "shape": clock.shape.get("policy forward"), "peak": peak_rss_gb()})
             clock.t.clear()
         log_metrics(path, rec)
 
@@ -109,9 +119,10 @@ def run_ours(args):
     torch.Tensor.backward = clock.wrap(torch.Tensor.backward, "backward")
     torch.nn.utils.clip_grad_norm_ = clock.wrap(torch.nn.utils.clip_grad_norm_, "optimizer")
     torch.optim.AdamW.step = clock.wrap(torch.optim.AdamW.step, "optimizer")
+    rows = args.prompts * args.G
     grpo.main(["--model", args.model, "--data", args.data, "--out", os.path.join(args.work, "out-ours"),
-               "--rollout-batch", "1", "--group-size", str(args.G), "--train-batch", str(args.G),
-               "--micro-batch", str(args.G), "--max-new-tokens", str(args.T), "--temperature", "1.0",
+               "--rollout-batch", str(args.prompts), "--group-size", str(args.G), "--train-batch", str(rows),
+               "--micro-batch", str(args.micro or rows), "--max-new-tokens", str(args.T), "--temperature", "1.0",
                "--kl-coef", str(KL_COEF), "--kl-target", "0", "--lr", str(LR), "--min-lr", str(LR),
                "--warmup-ratio", "0", "--max-steps", str(args.steps), "--save-every", str(10 ** 9), "--overwrite"])
     for prev, s in zip(steps, steps[1:]):
@@ -156,12 +167,14 @@ def run_trl(args):
     from trl import GRPOConfig, GRPOTrainer
 
     ds, reward = trl_workload(args.data)
-    clock, marks, gen, lens, tokens = ModelClock(), [], [], [], []
+    clock, marks, gen, lens, tokens, peaks = ModelClock(), [], [], [], [], []
+    rows = args.prompts * args.G
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **kw):
             marks.append(time.perf_counter())
             gen.append(clock.t.pop("generate", 0.0))
+            peaks.append(peak_rss_gb())
 
         def on_log(self, _args, _state, _control, logs=None, **kw):
             if logs and "completions/mean_length" in logs:
@@ -169,7 +182,7 @@ def run_trl(args):
                 tokens.append(logs["num_tokens"])  # cumulative prompt + completion tokens
 
     cfg = GRPOConfig(output_dir=os.path.join(args.work, "out-trl"), use_cpu=True, max_steps=args.steps,
-                     per_device_train_batch_size=args.G, gradient_accumulation_steps=1, num_generations=args.G,
+                     per_device_train_batch_size=rows, gradient_accumulation_steps=1, num_generations=args.G,
                      max_completion_length=args.T, beta=KL_COEF, learning_rate=LR, logging_steps=1,
                      save_strategy="no", report_to="none", seed=0, temperature=1.0, dataloader_num_workers=0,
                      disable_tqdm=True, bf16=False, gradient_checkpointing=False)
@@ -177,8 +190,8 @@ def run_trl(args):
                           processing_class=AutoProcessor.from_pretrained(args.model), callbacks=[Clock()])
     trainer._generate_single_turn = clock.wrap(trainer._generate_single_turn, "generate")
     trainer.train()
-    return [{"wall": t - prev, "generate": g, "len": n, "row": (k - k0) / args.G}  # row: tokens per sequence
-            for prev, t, g, n, k0, k in zip(marks, marks[1:], gen[1:], lens[1:], tokens, tokens[1:])]
+    return [{"wall": t - prev, "generate": g, "len": n, "row": (k - k0) / rows, "peak": p}  # row: tokens per sequence
+            for prev, t, g, n, k0, k, p in zip(marks, marks[1:], gen[1:], lens[1:], tokens, tokens[1:], peaks[1:])]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -189,11 +202,17 @@ def med(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def run_side(side, work, model, data, G, T, steps, threads):
+def peak_rss_gb():
+    """This process's largest resident size so far, GiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def run_side(side, work, model, data, G, T, steps, threads, prompts=1, micro=0):
     """One run in a fresh process of this same python; its steps 3..N."""
     res = os.path.join(work, f"{side}-G{G}-T{T}-{time.monotonic_ns()}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--model", model, "--data", data,
-           "--work", work, "--G", str(G), "--T", str(T), "--steps", str(steps), "--result", res]
+           "--work", work, "--G", str(G), "--T", str(T), "--steps", str(steps), "--result", res,
+           "--prompts", str(prompts), "--micro", str(micro)]
     cmd += ["--threads", str(threads)] if threads else []
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                HF_DATASETS_CACHE=os.path.join(work, "hf-datasets"))
@@ -208,6 +227,7 @@ def summary(steps):
     """One run: medians over its steps, and each part's median share of its own step (shares, unlike
     medians of seconds, stay consistent with each other when a busy machine slows some steps down)."""
     out = {k: med([s[k] for s in steps]) for k in ("wall", "generate", "score", "train", "len", "row") if k in steps[0]}
+    out["peak"] = max(s.get("peak", float("nan")) for s in steps)
     out["fast"] = sorted(s["wall"] for s in steps)[len(steps) // 10]  # 10th percentile: least disturbed
     out["shape"] = steps[-1].get("shape")  # ours: [rows, prompt + completion tokens] of the policy forward
     if "model" in steps[0]:
@@ -218,6 +238,59 @@ def summary(steps):
         kinds = sorted({k for s in steps for k in s["parts"]})
         out["share"] = {k: med([s["parts"].get(k, 0.0) / s["wall"] for s in steps]) for k in kinds}
     return out
+
+
+def real_vocab_model(folder, vocab=151936):
+    """toy.py's "small" model with Qwen2.5-VL's vocabulary: the toy tokenizer and image processor, a random
+    model whose embedding and lm_head have `vocab` rows."""
+    import glob
+
+    from transformers import AutoConfig, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    import toy
+
+    toy.build_model(folder, "small")
+    config = AutoConfig.from_pretrained(folder)
+    config.text_config.vocab_size = vocab
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig.from_pretrained(folder)
+    for f in glob.glob(os.path.join(folder, "model*.safetensors*")):
+        os.remove(f)
+    model.save_pretrained(folder)
+    return folder
+
+
+def real_vocab(args, prompts=4, G=4, micro=4, threads=2):
+    """Step time and peak memory at the real vocabulary, ours (and TRL's, when installed) per length."""
+    import importlib.util
+
+    import torch
+
+    import toy
+
+    has_trl = not args.no_trl and importlib.util.find_spec("trl") is not None
+    work = tempfile.mkdtemp(prefix="grpo-step-vocab-")
+    steps = 4 if args.quick else 5
+    try:
+        model = real_vocab_model(os.path.join(work, "model"))
+        toy.make_data(os.path.join(work, "data"), 16, test_n=0, kinds="colour", world=toy.World(size=56))
+        data = os.path.join(work, "data", "train.jsonl")
+        if has_trl:
+            model = make_trl_model_dir(model, os.path.join(work, "model-processor"))
+        print(f"GRPO step at the real vocabulary (151,936), toy.py's small body: {prompts} prompts x G {G}, "
+              f"micro-batch {micro}, {threads} threads, torch {torch.__version__}; {steps} steps per run, "
+              "numbers over steps 3..N; peak = the process's largest resident size")
+        print(f"  {'side':5s} {'new':>5s} {'mean len':>8s} {'step s':>8s} {'generate':>8s} {'train':>8s} "
+              f"{'peak GB':>8s}")
+        for T in [int(x) for x in args.lengths.split(",")]:
+            for side in ["ours"] + (["trl"] if has_trl else []):
+                s = summary(run_side(side, work, model, data, G, T, steps, threads, prompts, micro))
+                print(f"  {side:5s} {T:5d} {s['len']:8.1f} {s['wall']:8.2f} {s['generate']:8.2f} "
+                      f"{s.get('train', float('nan')):8.2f} {s['peak']:8.2f}", flush=True)
+        if not has_trl:
+            print("  TRL: not installed here (run this script in the bench venv for its side)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def make_trl_model_dir(model, out):
@@ -240,7 +313,10 @@ def main():
                     "(default: %(default)s)")
     ap.add_argument("--no-trl", action="store_true", help="skip TRL even when it is installed")
     ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # one run, in a child process
-    for a, t in (("--model", str), ("--data", str), ("--work", str), ("--result", str), ("--G", int), ("--T", int)):
+    ap.add_argument("--real-vocab", action="store_true", help="the real vocabulary's workload (see above)")
+    ap.add_argument("--lengths", default="64,256,512", help="--real-vocab: new tokens per run (default: %(default)s)")
+    for a, t in (("--model", str), ("--data", str), ("--work", str), ("--result", str), ("--G", int), ("--T", int),
+                 ("--prompts", int), ("--micro", int)):
         ap.add_argument(a, type=t, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
@@ -254,6 +330,8 @@ def main():
         return
     if args.quick:
         args.steps, args.runs, args.scaling_steps = 6, 1, 4
+    if args.real_vocab:
+        return real_vocab(args)
 
     import torch
     from safetensors.torch import load_file

@@ -32,7 +32,7 @@ def test_3b_config_has_the_real_shapes():
     import toy
 
     tok = toy.build_tokenizer(toy.tokenizer_corpus())
-    config = G.qwen25_vl_3b_config({t: tok.convert_tokens_to_ids(t) for t in toy.SPECIAL_TOKENS})
+    config = G.qwen25_vl_config({t: tok.convert_tokens_to_ids(t) for t in toy.SPECIAL_TOKENS})
     assert (config.image_token_id, config.vision_start_token_id) == (5, 3)  # the toy tokenizer's ids
     with torch.device("meta"):  # shapes only, no memory
         model = Qwen2_5_VLForConditionalGeneration(config)
@@ -77,6 +77,19 @@ def test_toy_check_end_to_end(tmp_path, tiny):
     expected = G.row_flops(torch.tensor([160] * 4), 6, shape) + G.vision_flops(4 * 64, shape)
     assert [s["flops"] for s in data["sft"]] == [pytest.approx(expected, rel=1e-12)] * 3
     assert [s["train_tokens"] for s in data["sft"]] == [640] * 3
+
+    # one 05 step at the paper's lengths (toy: 24 new tokens), then with --ref-offload, each printed with the
+    # plan's prediction; 2 prompts x G 2 in micro-batches of 1, two updates (the old log-probs' pass runs)
+    for name, flags in (("grpo-paper", []), ("grpo-offload", ["--ref-offload"])):
+        part = data[name]
+        assert part["flags"] == flags and part["workload"]["new_tokens"] == 24
+        (step,) = part["steps"]
+        assert 0 < step["completion_len"] <= 24 and step["seq"] > 24 and step["peak_memory_gb"] > 0
+        assert step["ref"] > 0 and step["update"] > 0  # the reference's (and old log-probs') pass, 2 updates
+        assert finite(part["plan_peak_gb"]) and part["plan_peak_gb"] > 0
+        assert part["plan"]["ref"] == (0.0 if flags else pytest.approx(2 * data["model"]["params"] / 2 ** 30))
+    assert "05 at the paper's lengths, reference on the GPU:" in stdout and "05 at the paper's lengths, --ref-offload" \
+        in stdout
 
 
 @pytest.mark.slow

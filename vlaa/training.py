@@ -99,11 +99,11 @@ def load_trainable(path, device, world, lr, weight_decay=0.0, train_vision=False
 
 def load_frozen(path, device, world, offload=False):
     """A frozen copy of a model (GRPO's reference), sharded like the policy; with offload its shards live in
-    CPU memory between uses."""
-    from vlaa.qwen import load_model
+    CPU memory between uses. bf16 on a GPU (half the memory; no optimizer needs an fp32 master; OpenRLHF, verl)."""
+    from vlaa.qwen import load_model, resolve_dtype
 
-    model = load_model(path, "float32", torch.device("cpu") if offload else device)[0].eval().requires_grad_(False)
-    return shard_model(model, device, world, cpu_offload=offload)
+    model = load_model(path, resolve_dtype("auto", device), torch.device("cpu") if offload else device)[0]
+    return shard_model(model.eval().requires_grad_(False), device, world, cpu_offload=offload)
 
 
 @contextlib.contextmanager

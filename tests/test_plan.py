@@ -1,0 +1,61 @@
+"""bench/plan.py by example: parameter counts against transformers' own models, the CPU stand-in for the
+allocator's peak on tensors of known size, and every GPU command the README gives fits its card by the plan."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("plan", os.path.join(ROOT, "bench", "plan.py"))
+plan = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(plan)
+
+
+@pytest.mark.parametrize("size, total", [("3b", 3_754_622_976), ("7b", 8_292_166_656)])  # the released counts
+def test_param_counts_match_transformers(size, total):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    import toy
+    from bench.gpu_check import qwen25_vl_config
+
+    tok = toy.build_tokenizer(toy.tokenizer_corpus())
+    config = qwen25_vl_config({t: tok.convert_tokens_to_ids(t) for t in toy.SPECIAL_TOKENS}, size)
+    with torch.device("meta"):  # shapes only, no memory
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    vision = sum(p.numel() for p in model.model.visual.parameters())
+    assert plan.param_counts(plan.QWEN25_VL[size]) == (total, total - vision, vision)
+    assert sum(p.numel() for p in model.parameters()) == total
+
+
+def test_live_bytes_by_hand():
+    before = torch.ones(500)  # made before: neither it nor its views count
+    tracker = plan.live_bytes_tracker()
+    with tracker:
+        before[:100].t()
+        a = torch.ones(1000)  # 4,000 bytes
+        b = a * 2  # 4,000 more
+        a[:10].mul_(3)  # a view and an in-place op allocate nothing
+        del a
+        c = b.to(torch.bfloat16)  # 2,000
+    assert (tracker.peak, tracker.now) == (8000, 6000)
+    del b, c
+    assert tracker.now == 0
+
+
+def test_terms_by_hand():
+    p = plan.plan("grpo", "3b", 8, 4, True)
+    gib = 2 ** 30
+    assert p["weights"] == 4 * 3_754_622_976 / 8 / gib and p["ref"] == 2 * 3_754_622_976 / 8 / gib
+    assert p["adam"] == 2 * p["grads"] == 8 * 3_085_938_688 / 8 / gib
+    assert plan.plan("grpo", "3b", 1, 2, True, ref_offload=True)["ref"] == 0.0
+    # checkpointing keeps one layer's input per layer instead of everything each layer saves
+    assert p["activations_ckpt"] < p["activations_no_ckpt"] / 10
+
+
+@pytest.mark.parametrize("command", plan.COMMANDS, ids=lambda c: "-".join(map(str, c)))
+def test_every_readme_command_fits_its_card(command):
+    stage, size, gpus, card, micro, ckpt, offload = command
+    p = plan.plan(stage, size, gpus, micro, ckpt, offload, card)
+    assert p["peak"] <= 0.9 * plan.CARDS[card], p["phases"]  # a 10% margin for what the estimate misses

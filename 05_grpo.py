@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 import rewards
-from vlaa import colocate, qwen, runs, training
+from vlaa import colocate, logprobs, qwen, runs, training
 from vlaa.records import has_aha, load_records, normalize_verifier
 
 # ----------------------------------------------------------------------------------------------------
@@ -277,34 +277,29 @@ def sequence_batch(prompts, rows, group_size, comp, comp_mask, pad_id, features=
     return batch, W
 
 
-def token_logprobs(model, batch, width, comp, temperature, vision_ids, with_entropy=False):
+def token_logprobs(model, batch, width, comp, temperature, vision_ids, device, with_entropy=False):
     """log pi(token) for every completion token, under the distribution we sample from: logits / T,
     with the suppressed vision tokens at -inf. `width` is the prompt width W of sequence_batch.
-    Returns ([b, T], entropy [b, T] or None)."""
-    device = model.device
-    inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    logits = model(**inputs).logits[:, width - 1:-1].float() / temperature  # [b, T, V]: position t predicts t+1
-    logits[..., vision_ids] = float("-inf")
-    lse = torch.logsumexp(logits, -1)  # [b, T]
-    logp = logits.gather(-1, comp.to(device).unsqueeze(-1)).squeeze(-1) - lse
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            probs = torch.softmax(logits, -1)
-            entropy = lse - (probs * logits.nan_to_num(neginf=0.0)).sum(-1)
-    return logp, entropy
+    Returns ([b, T], entropy [b, T] or None), on the device the model computed on.
+
+    The head runs only at the T positions that predict a completion token (position t predicts t+1), 128
+    positions at a time, and backward recomputes one chunk's logits at a time (vlaa/logprobs.py): at
+    Qwen2.5-VL's vocabulary, [b, W+T, V] logits and their copies cost ~3 MB per completion token."""
+    inputs = qwen.to_device(batch, device, model.dtype)
+    keep = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool)  # [b, W+T]
+    keep[:, width - 1:-1] = True  # row-major, the order of comp's tokens
+    logp, ent = logprobs.chosen_logprobs(model, inputs, keep, comp.flatten(), temperature, vision_ids, with_entropy)
+    return logp.view(comp.shape), ent.view(comp.shape) if with_entropy else None
 
 
-def frozen_logprobs(model, batches, comp, temperature, vision_ids):
+def frozen_logprobs(model, batches, comp, temperature, vision_ids, device):
     """No-grad log-probs of every row, micro-batch by micro-batch {rows: (batch, W)} (the reference, or the
     policy before its first update) -> [N, T] on the CPU."""
     out = torch.zeros(comp.shape)
     with torch.no_grad():
         for rows, (b, width) in batches.items():
-            with training.autocast(model.device):
-                lp, _ = token_logprobs(model, b, width, comp[list(rows)], temperature, vision_ids)
+            with training.autocast(device):
+                lp, _ = token_logprobs(model, b, width, comp[list(rows)], temperature, vision_ids, device)
             out[list(rows)] = lp.float().cpu()
     return out
 
@@ -366,7 +361,7 @@ def update_policy(model, optimizer, params, micro_batches, batches, comp, loss_m
         b, width = batches[key]
         rows = list(key)
         with training.autocast(device):
-            logp, ent = token_logprobs(model, b, width, comp[rows], args.temperature, vision_ids, with_entropy=True)
+            logp, ent = token_logprobs(model, b, width, comp[rows], args.temperature, vision_ids, device, True)
         m = loss_mask[rows].to(device)  # [b, T]
         loss, st = policy_loss(
             logp.float(), old_logp=old_logp[rows].to(device) if old_logp is not None else logp.detach(),
@@ -473,12 +468,12 @@ def main(argv=None):
         ref_logp = None
         if use_ref:  # with --ref-offload the reference visits the GPU only now (sharded, FSDP2 moves its shards)
             with training.visiting(ref, device, args.ref_offload and world == 1):
-                ref_logp = frozen_logprobs(ref, batches, comp, args.temperature, vision_ids)
+                ref_logp = frozen_logprobs(ref, batches, comp, args.temperature, vision_ids, device)
         # the trainer's own log-probs before any update: needed when later updates see an older policy, and
         # to weigh the vLLM engine's samples by how far its sampling is from ours
         is_weights = None
         off_policy = args.ppo_epochs > 1 or len(minibatches) > 1
-        old_logp = frozen_logprobs(model, batches, comp, args.temperature, vision_ids) \
+        old_logp = frozen_logprobs(model, batches, comp, args.temperature, vision_ids, device) \
             if off_policy or sampler_logp is not None else None
         if sampler_logp is not None and args.vllm_is_cap > 0:
             is_weights = truncated_is_weights(old_logp, sampler_logp, comp_mask.float(), args.vllm_is_cap,

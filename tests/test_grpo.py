@@ -215,7 +215,7 @@ def test_recomputed_logprobs_equal_the_sampling_distribution(tiny, reuse_vision,
     features = grpo.image_features(model, prompts) if reuse_vision else None
     b, P = grpo.sequence_batch(prompts, list(range(len(comp))), G, comp, mask, tok.pad_token_id, features)
     with torch.no_grad():
-        logp, _ = grpo.token_logprobs(model, b, P, comp, T, qwen.vision_token_ids(model.config))
+        logp, _ = grpo.token_logprobs(model, b, P, comp, T, qwen.vision_token_ids(model.config), "cpu")
     assert ((logp - sampled).abs() * mask).max() < 1e-5
     assert b["input_ids"].shape[0] == 6 and (b["attention_mask"][:, 0] == 0).any()  # really left-padded
 
@@ -352,7 +352,7 @@ def test_rollouts_ignore_the_checkpoints_generation_config(tiny_model_dir, tmp_p
                                                   temperature=T, pad_id=tok.pad_token_id, return_logprobs=True)
     b, width = grpo.sequence_batch(prompts, list(range(len(comp))), G, comp, mask, tok.pad_token_id)
     with torch.no_grad():
-        logp, _ = grpo.token_logprobs(model, b, width, comp, T, qwen.vision_token_ids(model.config))
+        logp, _ = grpo.token_logprobs(model, b, width, comp, T, qwen.vision_token_ids(model.config), "cpu")
     assert ((logp - sampler).abs() * mask).max() < 1e-5
     assert len({tuple(c) for c in comp.tolist()}) > 2  # sampled at T 1, not top_k 1's one answer per prompt
 

@@ -56,7 +56,8 @@ p.add_argument("--rollout", default="hf", choices=["hf", "vllm"], help="hf: tran
 p.add_argument("--rollout-batch", type=int, default=512, help="prompts per step over all ranks (paper: 512)")
 p.add_argument("--group-size", type=int, default=4, help="completions per prompt, G (paper: 4)")
 p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (paper: 0.8)")
-p.add_argument("--top-p", type=float, default=1.0)
+p.add_argument("--top-p", type=float, default=1.0, help="only 1 (off): the loss scores softmax(logits / T), "
+               "not the truncated distribution a top-p sampler draws from, so below 1 is refused")
 p.add_argument("--max-new-tokens", type=int, default=1024, help="completion length cap (paper: not stated)")
 p.add_argument("--max-prompt-length", type=int, default=2048, help="prompts longer than this (tokens, the image's "
                "included) are dropped with a count; the vLLM engine's context is this + --max-new-tokens")
@@ -102,6 +103,8 @@ p.add_argument("--lr", type=float, default=5e-6, help="peak LR (paper: not state
 p.add_argument("--min-lr", type=float, default=5e-7, help="cosine floor (paper LR2: 5e-7)")
 p.add_argument("--warmup-ratio", type=float, default=0.03, help="share of steps warming up (paper LR2: 3%%)")
 p.add_argument("--weight-decay", type=float, default=0.0)
+p.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"),
+               help="AdamW betas (default: OpenRLHF's, %(default)s; torch's are 0.9 0.999)")
 p.add_argument("--grad-clip", type=float, default=1.0)
 p.add_argument("--episodes", type=float, default=1.0, help="passes over the prompts (paper: 1, i.e. 49 steps)")
 p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --episodes)")
@@ -351,11 +354,11 @@ def update_policy(model, optimizer, params, micro_batches, batches, comp, loss_m
                   is_weights, kl_coef, args, vision_ids, world, device):
     """One optimizer update on a mini-batch of completion rows (its micro-batches). Each micro-batch's loss is
     divided by the mini-batch's GLOBAL count (loss_normalizer summed over ranks), so the gradient is that of
-    the whole mini-batch on all ranks. Returns (per-micro-batch stats, entropy sum, token count, grad norm)."""
+    the whole mini-batch on all ranks. Returns (per-micro-batch stats, entropy sum over its tokens, grad norm)."""
     rows_all = [r for key in micro_batches for r in key]
     count = loss_normalizer(loss_mask[rows_all], args.loss_agg, args.max_new_tokens)
     normalizer = training.global_sum(count.to(device), world, device).clamp(min=1)
-    stats, ent_sum, ent_n = [], 0.0, 0.0
+    stats, ent_sum = [], 0.0
     for i, key in enumerate(micro_batches):
         training.gradient_sync(model, i == len(micro_batches) - 1)  # FSDP2: reduce on the last one only
         b, width = batches[key]
@@ -372,15 +375,16 @@ def update_policy(model, optimizer, params, micro_batches, batches, comp, loss_m
         (loss * world).backward()  # FSDP2 averages gradients over ranks; the normaliser is already global
         stats.append(st)
         ent_sum += float((ent * m).sum())
-        ent_n += float(m.sum())
     grad_norm = training.clip_grad_norm(params, args.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return stats, ent_sum, ent_n, grad_norm
+    return stats, ent_sum, grad_norm
 
 
 def main(argv=None):
     args = p.parse_args(argv)
+    if args.top_p != 1:  # top-p samples a truncated softmax: the loss's log-probs would be off by its log-mass
+        raise SystemExit(f"--top-p {args.top_p}: only 1 trains correctly (the loss scores the untruncated softmax)")
     env = training.init_distributed()
     rank, world, device, master = env["rank"], env["world"], env["device"], env["master"]
     if args.rollout_batch % world or args.train_batch % world:
@@ -396,7 +400,7 @@ def main(argv=None):
     llm = colocate.make_vllm_engine(args, rank) if args.rollout == "vllm" else None  # before the policy lands
     model, tokenizer, image_processor, params, optimizer = training.load_trainable(
         args.model, device, world, args.lr, args.weight_decay, args.train_vision, args.activation_checkpointing,
-        args.min_pixels, args.max_pixels)
+        args.min_pixels, args.max_pixels, tuple(args.adam_betas))
     use_ref = args.kl_coef > 0  # the reference: a frozen copy of the start model (in CPU memory with --ref-offload)
     ref = training.load_frozen(args.model, device, world, args.ref_offload) if use_ref else None
     pad_id, vision_ids = tokenizer.pad_token_id, qwen.vision_token_ids(model.config)
@@ -480,28 +484,28 @@ def main(argv=None):
                                               args.vllm_is_level)
 
         # 4. policy updates, each at its own point of the LR schedule
-        step_stats, ent_sum, ent_n, lrs = [], 0.0, 0.0, []
+        step_stats, ent_sum, lrs = [], 0.0, []
         for epoch in range(args.ppo_epochs):
             for k, chunks in enumerate(micro):
                 update = step * updates_per_step + epoch * len(micro) + k
                 lrs.append(training.cosine_lr(update, total_updates, args.lr, warmup, args.min_lr))
                 training.set_lr(optimizer, lrs[-1])
-                st, es, en, grad_norm = update_policy(
+                st, es, grad_norm = update_policy(
                     model, optimizer, params, micro_batches=chunks, batches=batches, comp=comp, loss_mask=loss_mask,
                     adv=adv, old_logp=old_logp, ref_logp=ref_logp, is_weights=is_weights, kl_coef=kl_coef,
                     args=args, vision_ids=vision_ids, world=world, device=device)
                 step_stats += st
-                ent_sum, ent_n = ent_sum + es, ent_n + en
+                ent_sum += es
         t3 = time.perf_counter()
 
         # 5. bookkeeping: adaptive KL, metrics, sampled rollouts, held-out accuracy, checkpoints
-        tok = sum(s["tokens"] for s in step_stats) or 1.0
-        mean_of = lambda k: sum(s[k] * s["tokens"] for s in step_stats) / tok  # noqa: E731
+        tok = sum(s["tokens"] for s in step_stats)  # (token mean, tokens): ranks are weighed by their tokens
+        mean_of = lambda k: (sum(s[k] * s["tokens"] for s in step_stats) / max(tok, 1.0), tok)  # noqa: E731
         means = {"reward": float(rw.mean()), "accuracy": float(rewards.is_correct(rw).float().mean()),
                  "adv_abs": float(adv.abs().mean()), "adv_std": float(adv.std()) if len(adv) > 1 else 0.0,
                  "kl": mean_of("kl"), "clip_frac": mean_of("clip_frac"), "ratio": mean_of("ratio"),
-                 "entropy": ent_sum / max(ent_n, 1.0), "completion_len": float(comp_mask.sum(1).float().mean()),
-                 "truncated_share": float(truncated.float().mean()),
+                 "entropy": (ent_sum / max(tok, 1.0), tok), "truncated_share": float(truncated.float().mean()),
+                 "completion_len": float(comp_mask.sum(1).float().mean()),
                  "aha_share": sum(has_aha(t) for t in texts) / len(texts),
                  "no_answer_share": rstats.pop("no_answer") / len(texts), "grad_norm": grad_norm,
                  "time_generate": t1 - t0, "time_score": t2 - t1, "time_train": t3 - t2,

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 import rewards
-from vlaa import flags, heldout, qwen, runs, tracking, training
+from vlaa import flags, heldout, logprobs, qwen, runs, tracking, training
 from vlaa.flags import nonneg_float, nonneg_int, positive_float, positive_int, probability
 from vlaa.qwen import SYSTEM_PROMPT, collate, prompt_encoder, to_device
 from vlaa.records import load_records
@@ -91,12 +91,14 @@ tracking.add_report_to(p)
 
 
 def token_loss_sum(model, batch):
-    """Summed cross-entropy over the assistant's tokens of a micro-batch, and their count."""
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # [B, L, V]
+    """Summed cross-entropy over the assistant's tokens of a micro-batch, and their count. The head runs only
+    at the positions that predict an assistant token, in chunks recomputed in backward (vlaa/logprobs.py):
+    logits for every token would cost ~1.8 MB per sequence token at Qwen2.5-VL's vocabulary."""
     labels = batch["labels"][:, 1:]  # [B, L-1]: token t is predicted at position t-1
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(),
-                                             ignore_index=-100, reduction="sum")
-    return loss, (labels != -100).sum()
+    keep = torch.nn.functional.pad(labels != -100, (0, 1))  # [B, L]: the positions that predict a label
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logp, _ = logprobs.chosen_logprobs(model, inputs, keep, labels[labels != -100])
+    return -logp.sum(), keep.sum()
 
 
 # ----------------------------------------------------------------------------------------------------

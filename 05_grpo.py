@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 import rewards
-from vlaa import colocate, flags, heldout, qwen, runs, tracking, training
+from vlaa import colocate, flags, heldout, logprobs, qwen, runs, tracking, training
 from vlaa.flags import at_least, fraction, nonneg_float, nonneg_int, positive_float, positive_int, probability
 from vlaa.records import has_aha, load_records, normalize_verifier
 
@@ -57,7 +57,8 @@ p.add_argument("--rollout", default="hf", choices=["hf", "vllm"], help="hf: tran
 p.add_argument("--rollout-batch", type=positive_int, default=512, help="prompts per step over all ranks (paper: 512)")
 p.add_argument("--group-size", type=at_least(2), default=4, help="completions per prompt, G (paper: 4)")
 p.add_argument("--temperature", type=positive_float, default=0.8, help="sampling temperature (paper: 0.8)")
-p.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling of rollouts (paper: not stated; 1: off)")
+p.add_argument("--top-p", type=fraction, default=1.0, help="only 1 (off): the loss scores softmax(logits / T), "
+               "not the truncated distribution a top-p sampler draws from, so below 1 is refused")
 p.add_argument("--max-new-tokens", type=positive_int, default=1024, help="completion length cap (paper: not stated)")
 p.add_argument("--max-prompt-length", type=positive_int, default=2048, help="prompts longer than this (tokens, the "
                "image's included) are dropped with a count; the vLLM engine's context is this + --max-new-tokens")
@@ -103,6 +104,8 @@ p.add_argument("--lr", type=positive_float, default=5e-6, help="peak LR (paper: 
 p.add_argument("--min-lr", type=nonneg_float, default=5e-7, help="cosine floor (paper LR2: 5e-7)")
 p.add_argument("--warmup-ratio", type=probability, default=0.03, help="share of steps warming up (paper LR2: 3%%)")
 p.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="AdamW weight decay (paper: not stated)")
+p.add_argument("--adam-betas", type=flags.adam_beta, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"),
+               help="AdamW betas (default: OpenRLHF's, %(default)s; torch's are 0.9 0.999)")
 p.add_argument("--grad-clip", type=positive_float, default=1.0, help="gradient norm clipped to this (OpenRLHF: 1.0)")
 p.add_argument("--episodes", type=positive_float, default=1.0, help="passes over the prompts (paper: 1, i.e. 49 steps)")
 p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (overrides --episodes)")
@@ -280,34 +283,29 @@ def sequence_batch(prompts, rows, group_size, comp, comp_mask, pad_id, features=
     return batch, W
 
 
-def token_logprobs(model, batch, width, comp, temperature, vision_ids, with_entropy=False):
+def token_logprobs(model, batch, width, comp, temperature, vision_ids, device, with_entropy=False):
     """log pi(token) for every completion token, under the distribution we sample from: logits / T,
     with the suppressed vision tokens at -inf. `width` is the prompt width W of sequence_batch.
-    Returns ([b, T], entropy [b, T] or None)."""
-    device = model.device
-    inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    logits = model(**inputs).logits[:, width - 1:-1].float() / temperature  # [b, T, V]: position t predicts t+1
-    logits[..., vision_ids] = float("-inf")
-    lse = torch.logsumexp(logits, -1)  # [b, T]
-    logp = logits.gather(-1, comp.to(device).unsqueeze(-1)).squeeze(-1) - lse
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            probs = torch.softmax(logits, -1)
-            entropy = lse - (probs * logits.nan_to_num(neginf=0.0)).sum(-1)
-    return logp, entropy
+    Returns ([b, T], entropy [b, T] or None), on the device the model computed on.
+
+    The head runs only at the T positions that predict a completion token (position t predicts t+1), 128
+    positions at a time, and backward recomputes one chunk's logits at a time (vlaa/logprobs.py): at
+    Qwen2.5-VL's vocabulary, [b, W+T, V] logits and their copies cost ~3 MB per completion token."""
+    inputs = qwen.to_device(batch, device, model.dtype)
+    keep = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool)  # [b, W+T]
+    keep[:, width - 1:-1] = True  # row-major, the order of comp's tokens
+    logp, ent = logprobs.chosen_logprobs(model, inputs, keep, comp.flatten(), temperature, vision_ids, with_entropy)
+    return logp.view(comp.shape), ent.view(comp.shape) if with_entropy else None
 
 
-def frozen_logprobs(model, batches, comp, temperature, vision_ids):
+def frozen_logprobs(model, batches, comp, temperature, vision_ids, device):
     """No-grad log-probs of every row, micro-batch by micro-batch {rows: (batch, W)} (the reference, or the
     policy before its first update) -> [N, T] on the CPU."""
     out = torch.zeros(comp.shape)
     with torch.no_grad():
         for rows, (b, width) in batches.items():
-            with training.autocast(model.device):
-                lp, _ = token_logprobs(model, b, width, comp[list(rows)], temperature, vision_ids)
+            with training.autocast(device):
+                lp, _ = token_logprobs(model, b, width, comp[list(rows)], temperature, vision_ids, device)
             out[list(rows)] = lp.float().cpu()
     return out
 
@@ -360,17 +358,17 @@ def update_policy(model, optimizer, params, micro_batches, batches, comp, loss_m
                   is_weights, kl_coef, args, vision_ids, world, device):
     """One optimizer update on a mini-batch of completion rows (its micro-batches). Each micro-batch's loss is
     divided by the mini-batch's GLOBAL count (loss_normalizer summed over ranks), so the gradient is that of
-    the whole mini-batch on all ranks. Returns (per-micro-batch stats, entropy sum, token count, grad norm)."""
+    the whole mini-batch on all ranks. Returns (per-micro-batch stats, entropy sum over its tokens, grad norm)."""
     rows_all = [r for key in micro_batches for r in key]
     count = loss_normalizer(loss_mask[rows_all], args.loss_agg, args.max_new_tokens)
     normalizer = training.global_sum(count.to(device), world, device).clamp(min=1)
-    stats, ent_sum, ent_n = [], 0.0, 0.0
+    stats, ent_sum = [], 0.0
     for i, key in enumerate(micro_batches):
         training.gradient_sync(model, i == len(micro_batches) - 1)  # FSDP2: reduce on the last one only
         b, width = batches[key]
         rows = list(key)
         with training.autocast(device):
-            logp, ent = token_logprobs(model, b, width, comp[rows], args.temperature, vision_ids, with_entropy=True)
+            logp, ent = token_logprobs(model, b, width, comp[rows], args.temperature, vision_ids, device, True)
         m = loss_mask[rows].to(device)  # [b, T]
         loss, st = policy_loss(
             logp.float(), old_logp=old_logp[rows].to(device) if old_logp is not None else logp.detach(),
@@ -381,11 +379,10 @@ def update_policy(model, optimizer, params, micro_batches, batches, comp, loss_m
         (loss * world).backward()  # FSDP2 averages gradients over ranks; the normaliser is already global
         stats.append(st)
         ent_sum += float((ent * m).sum())
-        ent_n += float(m.sum())
     grad_norm = training.clip_grad_norm(params, args.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return stats, ent_sum, ent_n, grad_norm
+    return stats, ent_sum, grad_norm
 
 
 def main(argv=None):
@@ -403,7 +400,7 @@ def main(argv=None):
     llm = colocate.make_vllm_engine(args, rank) if args.rollout == "vllm" else None  # before the policy lands
     model, tokenizer, image_processor, params, optimizer = training.load_trainable(
         args.model, device, world, args.lr, args.weight_decay, args.train_vision, args.activation_checkpointing,
-        args.min_pixels, args.max_pixels)
+        args.min_pixels, args.max_pixels, tuple(args.adam_betas))
     use_ref = args.kl_coef > 0  # the reference: a frozen copy of the start model (in CPU memory with --ref-offload)
     ref = training.load_frozen(args.model, device, world, args.ref_offload) if use_ref else None
     pad_id, vision_ids = tokenizer.pad_token_id, qwen.vision_token_ids(model.config)
@@ -475,40 +472,40 @@ def main(argv=None):
         ref_logp = None
         if use_ref:  # with --ref-offload the reference visits the GPU only now (sharded, FSDP2 moves its shards)
             with training.visiting(ref, device, args.ref_offload and world == 1):
-                ref_logp = frozen_logprobs(ref, inputs, comp, args.temperature, vision_ids)
+                ref_logp = frozen_logprobs(ref, inputs, comp, args.temperature, vision_ids, device)
         # the trainer's own log-probs before any update: needed when later updates see an older policy, and
         # to weigh the vLLM engine's samples by how far its sampling is from ours
         is_weights = None
         off_policy = args.ppo_epochs > 1 or len(minibatches) > 1
-        old_logp = frozen_logprobs(model, inputs, comp, args.temperature, vision_ids) \
+        old_logp = frozen_logprobs(model, inputs, comp, args.temperature, vision_ids, device) \
             if off_policy or sampler_logp is not None else None
         if sampler_logp is not None and args.vllm_is_cap > 0:
             is_weights = truncated_is_weights(old_logp, sampler_logp, comp_mask.float(), args.vllm_is_cap,
                                               args.vllm_is_level)
 
         # 4. policy updates, each at its own point of the LR schedule
-        step_stats, ent_sum, ent_n, lrs = [], 0.0, 0.0, []
+        step_stats, ent_sum, lrs = [], 0.0, []
         for epoch in range(args.ppo_epochs):
             for k, micro_rows in enumerate(updates):
                 update = step * updates_per_step + epoch * len(updates) + k
                 lrs.append(training.cosine_lr(update, total_updates, args.lr, warmup, args.min_lr))
                 training.set_lr(optimizer, lrs[-1])
-                st, es, en, grad_norm = update_policy(
+                st, es, grad_norm = update_policy(
                     model, optimizer, params, micro_batches=micro_rows, batches=inputs, comp=comp, loss_mask=loss_mask,
                     adv=adv, old_logp=old_logp, ref_logp=ref_logp, is_weights=is_weights, kl_coef=kl_coef,
                     args=args, vision_ids=vision_ids, world=world, device=device)
                 step_stats += st
-                ent_sum, ent_n = ent_sum + es, ent_n + en
+                ent_sum += es
         t3 = time.perf_counter()
 
         # 5. bookkeeping: adaptive KL, metrics, sampled rollouts, held-out accuracy, checkpoints
-        tok = sum(s["tokens"] for s in step_stats) or 1.0
-        mean_of = lambda k: sum(s[k] * s["tokens"] for s in step_stats) / tok  # noqa: E731
+        tok = sum(s["tokens"] for s in step_stats)  # (token mean, tokens): ranks are weighed by their tokens
+        mean_of = lambda k: (sum(s[k] * s["tokens"] for s in step_stats) / max(tok, 1.0), tok)  # noqa: E731
         means = {"reward": float(rw.mean()), "accuracy": float(rewards.is_correct(rw).float().mean()),
                  "adv_abs": float(adv.abs().mean()), "adv_std": float(adv.std()) if len(adv) > 1 else 0.0,
                  "kl": mean_of("kl"), "clip_frac": mean_of("clip_frac"), "ratio": mean_of("ratio"),
-                 "entropy": ent_sum / max(ent_n, 1.0), "completion_len": float(comp_mask.sum(1).float().mean()),
-                 "truncated_share": float(truncated.float().mean()),
+                 "entropy": (ent_sum / max(tok, 1.0), tok), "truncated_share": float(truncated.float().mean()),
+                 "completion_len": float(comp_mask.sum(1).float().mean()),
                  "aha_share": sum(has_aha(t) for t in texts) / len(texts),
                  "no_answer_share": rstats.pop("no_answer") / len(texts), "grad_norm": grad_norm,
                  "time_generate": t1 - t0, "time_score": t2 - t1, "time_train": t3 - t2,

@@ -215,7 +215,7 @@ def test_recomputed_logprobs_equal_the_sampling_distribution(tiny, reuse_vision,
     features = grpo.image_features(model, prompts) if reuse_vision else None
     b, P = grpo.sequence_batch(prompts, list(range(len(comp))), G, comp, mask, tok.pad_token_id, features)
     with torch.no_grad():
-        logp, _ = grpo.token_logprobs(model, b, P, comp, T, qwen.vision_token_ids(model.config))
+        logp, _ = grpo.token_logprobs(model, b, P, comp, T, qwen.vision_token_ids(model.config), "cpu")
     assert ((logp - sampled).abs() * mask).max() < 1e-5
     assert b["input_ids"].shape[0] == 6 and (b["attention_mask"][:, 0] == 0).any()  # really left-padded
 
@@ -262,6 +262,28 @@ def test_two_ranks_with_mixed_verifier_types_under_torchrun(tmp_path, tiny_model
     from transformers import AutoModelForImageTextToText
 
     AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "model")  # the gathered export loads
+
+
+def test_token_means_over_ranks_weigh_each_rank_by_its_tokens(tmp_path):
+    """kl (which the adaptive controller reads), clip_frac, ratio and entropy are token means: over two ranks
+    holding 3 and 1 tokens, the mean is (3 x 0.1 + 1 x 0.5) / 4 = 0.2, not the ranks' plain average 0.3;
+    a plain mean (reward: each rank holds the same number of samples) stays plain, a sum a sum."""
+    script = tmp_path / "reduce.py"
+    script.write_text(f"""import json, sys
+sys.path.insert(0, {ROOT!r})
+import torch.distributed as dist
+from vlaa import training
+dist.init_process_group("gloo")
+r = dist.get_rank()
+out = training.reduce_metrics({{"kl": (0.1, 3.0) if r == 0 else (0.5, 1.0), "empty": (0.0, 0.0), "reward": r}},
+                              {{"count": 2.0}}, 2)
+print(json.dumps(out)) if r == 0 else None
+""")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out == pytest.approx({"kl": 0.2, "empty": 0.0, "reward": 0.5, "count": 4.0})
 
 
 def test_resume_gives_the_same_weights(tmp_path, tiny_model_dir, colour_data):
@@ -352,15 +374,16 @@ def test_rollouts_ignore_the_checkpoints_generation_config(tiny_model_dir, tmp_p
                                                   temperature=T, pad_id=tok.pad_token_id, return_logprobs=True)
     b, width = grpo.sequence_batch(prompts, list(range(len(comp))), G, comp, mask, tok.pad_token_id)
     with torch.no_grad():
-        logp, _ = grpo.token_logprobs(model, b, width, comp, T, qwen.vision_token_ids(model.config))
+        logp, _ = grpo.token_logprobs(model, b, width, comp, T, qwen.vision_token_ids(model.config), "cpu")
     assert ((logp - sampler).abs() * mask).max() < 1e-5
     assert len({tuple(c) for c in comp.tolist()}) > 2  # sampled at T 1, not top_k 1's one answer per prompt
 
 
 def test_lr_schedule_has_one_point_per_optimizer_update(tmp_path, tiny_model_dir, colour_data, monkeypatch):
-    lrs = []
+    lrs, optimizers = [], []
     set_lr = grpo.training.set_lr
-    monkeypatch.setattr(grpo.training, "set_lr", lambda opt, lr: lrs.append(lr) or set_lr(opt, lr))
+    monkeypatch.setattr(grpo.training, "set_lr", lambda opt, lr: lrs.append(lr) or optimizers.append(opt)
+                        or set_lr(opt, lr))
     # 4 prompts x 4 samples, 8 per update: 2 updates a step, 6 in 3 steps; warmup ceil(0.3 x 6) = 2 updates
     args = grpo_args(tiny_model_dir, colour_data, tmp_path / "run", "--max-steps", 3, "--kl-coef", 0,
                      "--warmup-ratio", 0.3, "--min-lr", 1e-4)
@@ -372,6 +395,15 @@ def test_lr_schedule_has_one_point_per_optimizer_update(tmp_path, tiny_model_dir
     metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [m["lr"] for m in metrics] == pytest.approx(lrs[::2])  # each step logs its first and last update's
     assert [m["lr_last"] for m in metrics] == pytest.approx(lrs[1::2])
+    assert optimizers[0].param_groups[0]["betas"] == (0.9, 0.95)  # OpenRLHF's AdamW betas, not torch's 0.999
+
+
+def test_top_p_below_one_is_refused_before_any_model_loads(tmp_path, capsys):
+    """The loss scores softmax(logits / T); a top-p sampler draws from a truncated one: refused, not mis-scored."""
+    with pytest.raises(SystemExit) as e:
+        grpo.main(["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data.jsonl"), "--out",
+                   str(tmp_path / "run"), "--top-p", "0.9"])
+    assert e.value.code == 2 and "--top-p 0.9: only 1" in capsys.readouterr().err
 
 
 def test_reward_model_scores_open_samples_end_to_end(tmp_path, tiny_model_dir, tiny_rm_dir):

@@ -178,8 +178,8 @@ class TestColocatedEngine:
         batch, width = grpo.sequence_batch([encode(r) for r in records], list(range(len(comp))), G, comp, mask,
                                            tok.pad_token_id)
         with torch.no_grad():
-            trainer_logp, _ = grpo.token_logprobs(model, batch, width, comp, T, vision)
-            at_t1, _ = grpo.token_logprobs(model, batch, width, comp, 1.0, vision)
+            trainer_logp, _ = grpo.token_logprobs(model, batch, width, comp, T, vision, torch.device("cpu"))
+            at_t1, _ = grpo.token_logprobs(model, batch, width, comp, 1.0, vision, torch.device("cpu"))
         gap = (trainer_logp - engine_logp).abs()[mask > 0]
         wrong_t = (at_t1 - engine_logp).abs()[mask > 0]
         print(f"engine vs trainer log-prob gap over {len(gap)} tokens: mean {gap.mean():.2e}, max {gap.max():.2e}; "

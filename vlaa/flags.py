@@ -48,6 +48,7 @@ nonneg_int = at_least(0)
 positive_float = _ranged(float, "a number > 0", lambda v: v > 0)
 nonneg_float = _ranged(float, "a number >= 0", lambda v: v >= 0)
 probability = _ranged(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+adam_beta = _ranged(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
 fraction = _ranged(float, "a number in (0, 1]", lambda v: 0 < v <= 1)  # top-p, a share of GPU memory
 
 
@@ -136,7 +137,9 @@ def check_grpo(args):
         [normalize_verifier(t, "--verifier-types") for t in args.verifier_types.split(",")]
     except InputError as e:
         return str(e)
-    return _first(check_training(args),
+    return _first(args.top_p != 1 and f"--top-p {args.top_p}: only 1 trains correctly (the loss scores the "
+                  "untruncated softmax, not the truncated distribution top-p samples from)",
+                  check_training(args),
                   0 < args.dual_clip <= 1 and f"--dual-clip must be 0 (off) or above 1, got {args.dual_clip}",
                   args.vllm_gpu_memory is not None and args.rollout != "vllm"
                   and "--vllm-gpu-memory needs --rollout vllm")

@@ -249,9 +249,10 @@ def sample_completions(model, batch, max_new_tokens, temperature=1.0, top_p=1.0,
     """Sample one completion per row of `batch` -> (ids [B, T], mask [B, T]), and with return_logprobs the
     sampler's own log-probability of each sampled token [B, T] (for tests: it costs a [B, T, V] tensor).
 
-    The distribution is exactly softmax(logits / temperature) with the vision tokens removed (and top_p,
-    if below 1): no repetition penalty, top-k or other processor from the checkpoint's generation config,
-    so that GRPO's loss scores the tokens under the distribution that sampled them. temperature 0 is
+    The distribution is exactly softmax(logits / temperature) with the vision tokens removed (truncated to
+    top_p if below 1, which GRPO's loss does not model: 05 refuses it): no repetition penalty, top-k or other
+    processor from the checkpoint's generation config, so that GRPO's loss scores the tokens under the
+    distribution that sampled them. temperature 0 is
     greedy. mask keeps each completion up to and including its first EOS. Under torchrun every rank keeps
     stepping until all are done (synced_gpus), so sharded (FSDP2) generation cannot deadlock.
     """

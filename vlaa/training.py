@@ -80,10 +80,10 @@ def shard_model(model, device, world, cpu_offload=False):
 
 
 def load_trainable(path, device, world, lr, weight_decay=0.0, train_vision=False, activation_checkpointing=False,
-                   min_pixels=None, max_pixels=None):
+                   min_pixels=None, max_pixels=None, betas=(0.9, 0.999)):
     """The model 04 and 05 train -> (model, tokenizer, image_processor, params, optimizer): fp32 master
     weights (bf16 compute on GPU comes from autocast or FSDP2's policy), the vision tower frozen unless
-    asked (paper, SFT: frozen), sharded under torchrun, AdamW over what trains."""
+    asked (paper, SFT: frozen), sharded under torchrun, AdamW (`betas`) over what trains."""
     from vlaa.qwen import load_model
 
     model, tokenizer, image_processor = load_model(path, "float32", device, min_pixels, max_pixels)
@@ -93,7 +93,7 @@ def load_trainable(path, device, world, lr, weight_decay=0.0, train_vision=False
     model.train()
     model = shard_model(model, device, world)
     params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=device.type == "cuda")
     return model, tokenizer, image_processor, params, optimizer
 
 
@@ -184,20 +184,23 @@ def same_keys_on_all_ranks(keys, device):
 
 
 def reduce_metrics(means, sums, world, device="cpu", maxes=None):
-    """One step's metrics over all ranks: `sums` (counts, totals) are added, `means` averaged (each rank holds
-    the same number of samples), `maxes` maxed. Returns one dict; on one process, the three merged."""
+    """One step's metrics over all ranks: `sums` (counts, totals) are added, `maxes` maxed, `means` averaged:
+    equally (each rank holds the same number of samples), or weighted where a value is a pair (mean, count),
+    as a token mean is when ranks hold different numbers of tokens. Returns one dict of floats."""
     maxes = maxes or {}
+    pairs = {k: v if isinstance(v, tuple) else (v, 1.0) for k, v in means.items()}
     if world == 1:
-        return {**means, **sums, **maxes}
+        return {**{k: v for k, (v, _) in pairs.items()}, **sums, **maxes}
     import torch.distributed as dist
 
     mean_keys, sum_keys, max_keys = sorted(means), sorted(sums), sorted(maxes)
     same_keys_on_all_ranks(mean_keys + ["|"] + sum_keys + ["|"] + max_keys, device)
-    t = torch.tensor([float(means[k]) for k in mean_keys] + [float(sums[k]) for k in sum_keys],
-                     dtype=torch.float64, device=device)
+    t = torch.tensor([float(pairs[k][0]) * float(pairs[k][1]) for k in mean_keys] + [float(pairs[k][1]) for k in
+                     mean_keys] + [float(sums[k]) for k in sum_keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    values = t.tolist()
-    out = {k: v / world for k, v in zip(mean_keys, values)} | dict(zip(sum_keys, values[len(mean_keys):]))
+    values, n = t.tolist(), len(mean_keys)
+    out = {k: v / w if w else 0.0 for k, v, w in zip(mean_keys, values, values[n:])}
+    out |= dict(zip(sum_keys, values[2 * n:]))
     if max_keys:
         m = torch.tensor([float(maxes[k]) for k in max_keys], dtype=torch.float64, device=device)
         dist.all_reduce(m, op=dist.ReduceOp.MAX)

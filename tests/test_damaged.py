@@ -53,8 +53,8 @@ def test_a_damaged_input_line_is_one_message_on_the_console(tmp_path, line, says
 def test_a_missing_input_file_is_one_message_too(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "02_distill.py"), "--in", str(tmp_path / "nowhere.jsonl"),
                         "--out", str(tmp_path / "out.jsonl")], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
-        f"error: [Errno 2] No such file or directory: '{tmp_path / 'nowhere.jsonl'}'"], r.stderr
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [  # runs.check_inputs, before any work
+        f"--in {tmp_path / 'nowhere.jsonl'}: does not exist (a file was expected; nothing was loaded)"], r.stderr
 
 
 @pytest.mark.parametrize("content, says", [

@@ -468,4 +468,4 @@ def test_a_bad_row_of_a_local_copy_is_named_before_any_model_runs_or_skipped(tmp
     assert calls["model"] == 0  # found at load, before any model runs
     scores = E.main(argv + ["--out", str(tmp_path / "skip"), "--skip-bad"])
     assert scores["benchmarks"][name]["n"] == len(lines) and calls["model"] == len(lines)
-    assert f"{name}.jsonl: skipped 1 bad record(s) (--skip-bad); first: " in capsys.readouterr().out
+    assert f"{name}.jsonl: skipped 1 bad record(s) (--skip-bad):\n  " in capsys.readouterr().out

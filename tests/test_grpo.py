@@ -278,6 +278,7 @@ r = dist.get_rank()
 out = training.reduce_metrics({{"kl": (0.1, 3.0) if r == 0 else (0.5, 1.0), "empty": (0.0, 0.0), "reward": r}},
                               {{"count": 2.0}}, 2)
 print(json.dumps(out)) if r == 0 else None
+dist.destroy_process_group()
 """)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
                        capture_output=True, text=True, timeout=120)

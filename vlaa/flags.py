@@ -101,16 +101,11 @@ def check_generation(args):
             return f"{flag} is read by --backend {' or '.join(readers)} only, not {args.backend}"
 
 
-def _check_file(flag, path):
-    if path is not None and not os.path.isfile(path):
-        return f"{flag}: no such file {path}"
-
-
 def check_training(args):
-    """What 04 and 05 share: the data files exist, the LR floor is below the peak, held-out evaluation has both
-    its flags (either alone would silently do nothing)."""
+    """What 04 and 05 share: the LR floor is below the peak, held-out evaluation has both its flags (either alone
+    would silently do nothing). Paths are checked next, by runs.check_inputs."""
     return _first(
-        _check_file("--data", args.data), _check_file("--eval-data", args.eval_data), check_pixels(args),
+        check_pixels(args),
         args.min_lr > args.lr and f"--min-lr {args.min_lr} is above --lr {args.lr}",
         args.eval_every and not args.eval_data and "--eval-every needs --eval-data (the held-out records)",
         args.eval_data and not args.eval_every and "--eval-data needs --eval-every N (how often to evaluate)")

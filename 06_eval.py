@@ -643,7 +643,10 @@ def main(argv=None):
 
         toy.make_data(os.path.join(args.out, "toy-data"), n=0, test_n=200, seed=0)
     judge_gen = make_judge(args)
-    builders = judge_prompts.vlmevalkit_builders() if judge_gen and args.rules == "vlmevalkit" else {}
+    try:
+        builders = judge_prompts.vlmevalkit_builders() if judge_gen and args.rules == "vlmevalkit" else {}
+    except (OSError, SyntaxError, judge_prompts.SourceError) as e:
+        raise SystemExit(f"VLMEvalKit's judge prompts: {e}") from None
     data = {name: load_benchmark(name, rules[name], args, judge_gen) for name in names}  # bad data fails first
     generate(args, data, rules)
     responses = {r["id"]: r["response"] for r in jsonl.read_output(os.path.join(args.out, "predictions.jsonl"))[0]}

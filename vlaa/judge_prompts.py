@@ -185,6 +185,8 @@ def vlmevalkit_builders():
         if function not in functions:
             raise SourceError(f"vlmeval/{file}: no function {function}")
         builders[name] = functools.partial(_build, functions[function], functions, f"vlmeval/{file}")
+        builders[name](dict.fromkeys(("question", "prediction", "answer", "extract", "question_for_eval",
+                                      "options"), "x"))  # its shape checked now, before any model runs
     return builders
 
 

@@ -7,10 +7,11 @@ Comparable with the paper's numbers (docs/eval.md: the details, and measurements
 - --rules vlmevalkit (default): VLMEvalKit's answer rules of April 2025, which made the leaderboard Table 4
   reports; --rules official: each benchmark's own repository's.
 - --preset paper (default): greedy, 800 new tokens, max_pixels 256*32*32, as the paper states; --preset
-  vlmevalkit: VLMEvalKit's VLAA-Thinker config (2048 tokens, pixels 1280*28*28 to 16384*28*28).
-- a judge: VLMEvalKit's gpt-4o-mini extracted answers (and graded MathVerse's). The paper's table is
-  --rules vlmevalkit --preset paper --judge-backend openai --judge-model gpt-4o-mini; without a judge, our rules
-  stand in for it.
+  vlmevalkit: VLMEvalKit's VLAA-Thinker config (2048 tokens, pixels 1280*28*28 to 16384*28*28); --preset
+  inference: the authors' inference.py (1000 tokens, the processor's default pixels).
+- a judge: VLMEvalKit's gpt-4o-mini extracted answers (and graded MathVerse's); under --rules vlmevalkit it is
+  asked where VLMEvalKit asks it, with its prompts (vlaa/judge.py). The paper's table is --rules vlmevalkit
+  --preset paper --judge-backend openai --judge-model gpt-4o-mini; without a judge, our rules stand in for it.
 
     # CPU, about a minute: the tiny random model on a toy test set (made in RUN_DIR without --data-dir)
     python toy.py build-model runs/tiny && python 06_eval.py --model runs/tiny --bench toy
@@ -59,6 +60,7 @@ PAPER = {  # the paper's Table 4 (the leaderboard of 2025-04-07): the six, then 
 PRESETS = {  # decoding is greedy in both: VLMEvalKit's temperature 0.01 with top_k 1 is greedy
     "paper": {"max_new_tokens": 800, "min_pixels": None, "max_pixels": qwen.MAX_PIXELS},
     "vlmevalkit": {"max_new_tokens": 2048, "min_pixels": 1280 * 28 * 28, "max_pixels": 16384 * 28 * 28},
+    "inference": {"max_new_tokens": 1000, "min_pixels": 4 * 28 * 28, "max_pixels": 16384 * 28 * 28},  # inference.py
 }
 
 # ----------------------------------------------------------------------------------------------------
@@ -207,7 +209,7 @@ class Benchmark(NamedTuple):
     is_correct: Callable  # (record, answer) -> bool
     aggregate: Callable   # rows (records + response, extracted, correct) -> {metric: value}
     primary: str          # the metric the table reports
-    judge: str = "never"  # when the judge is asked: never, missing (no answer), prefetch (VLMEvalKit's), always
+    judge: str = "never"  # when the judge is asked: never, missing (no answer), prefetch (vlaa/judge.py), always
     grade: Callable | None = None  # MathVerse: our rules standing in for the judge's grading step
 
 
@@ -274,8 +276,9 @@ def parse_args(argv=None):
     p.add_argument("--rules", default="vlmevalkit", choices=tuple(RULES), help="answer rules (default vlmevalkit: "
                    "VLMEvalKit of April 2025, the paper's table; official: each benchmark's repository)")
     p.add_argument("--preset", default="paper", choices=tuple(PRESETS), help="generation settings: paper (default: "
-                   "greedy, 800 new tokens, max_pixels 256*32*32) or vlmevalkit (VLMEvalKit's VLAA-Thinker config: "
-                   "2048 tokens, min/max pixels 1280*28*28 / 16384*28*28)")
+                   "greedy, 800 new tokens, max_pixels 256*32*32), vlmevalkit (VLMEvalKit's VLAA-Thinker config: "
+                   "2048 tokens, min/max pixels 1280*28*28 / 16384*28*28) or inference (the authors' inference.py: "
+                   "1000 tokens, the processor's default pixels 4*28*28 / 16384*28*28)")
     p.add_argument("--out", default=None, help="RUN_DIR (default runs/eval/<model>[-official][-vlmevalkit-preset])")
     p.add_argument("--overwrite", action="store_true", help="RUN_DIR holds another run: delete its outputs")
     p.add_argument("--data-dir", default=None, help="local copies instead of the hub (layout below); toy "

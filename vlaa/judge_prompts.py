@@ -1,7 +1,10 @@
-"""The LLM judge's prompts of 06_eval.py: VLMEvalKit's (vlmeval/dataset/utils/*.py of April 2025), shortened to
-their instruction and one example, and the paper's own Yes/No verify prompt for toy/jsonl `open` answers.
-VLMEvalKit asks the judge only where its rules find no answer (always for MathVerse and LogicVista):
-06_eval.py's `score_benchmark` applies that policy; docs/eval.md says what changes without a judge.
+"""The LLM judge's prompts of 06_eval.py. Under --rules vlmevalkit: VLMEvalKit's own, read from its source at the
+commit those rules follow (d9fe347b), parsed with `ast` and built by walking the syntax of its prompt functions
+(string literals, +, f-strings, loops, .format; anything else is refused, nothing is run): from $VLMEVALKIT_DIR when
+set, else a copy downloaded once into ~/.cache/vlaa/. Their text is not copied into this repository. Without a copy
+(offline), and under the other rule sets: the project's own prompts below, VLMEvalKit's shortened to their
+instruction and one example, and the paper's Yes/No verify prompt for toy/jsonl `open` answers.
+vlaa/judge.py decides when the judge is asked and reads its replies; docs/eval.md lists what differs.
 """
 
 import ast

@@ -162,6 +162,19 @@ def test_mathverse_extraction_then_the_grader(extract, grades, right, graded):
     assert verdicts[0][0] is right and len(log) == 1 + graded
 
 
+@pytest.mark.parametrize("response, reply, right, asked", [
+    ('{"short answer": "2.0004"}', None, True, False),  # the JSON reads: no judge
+    ("no idea [d]", "2.0 cm", True, True),  # parse_answer: the first word as a float
+    ("no idea [d]", "\\2.0", False, True),  # the reply as it is: float("\\2.0") fails (no backslash dropping)
+    ("no idea [d]", "about 2", False, True),
+])
+def test_dynamath_the_judge_where_nothing_reads_and_its_reply_by_parse_answer(response, reply, right, asked):
+    log = []  # dynamath.py DynaMath_auxeval
+    verdicts, _ = judged("dynamath", [{"id": "1", "variant": 1, "question": "area?", "answer_type": "float",
+                                       "ground_truth": "2.0", "response": response}], {"[d]": reply}, log)
+    assert verdicts[0][0] is right and len(log) == asked
+
+
 # ----------------------------------------------------------------------------------------------------
 # Small rules: dynamath.py parse_answer does not strip; LogicVista's gold is split on ", "
 
@@ -407,3 +420,32 @@ def test_a_refused_request_is_one_bad_record_and_labels_stay_per_benchmark(tmp_p
     assert "judge none (our rules stand in" in report and "(MathVista)" in report and "(LogicVista)" in report
     with pytest.raises(SystemExit, match="backend"):  # another backend: refused, nothing reused
         E.main(argv[:-1] + ["hf", "--bench", "mathvista"])
+
+
+def test_openai_one_refused_request_is_one_bad_record_for_the_model_and_the_judge(tmp_path, monkeypatch, serve):
+    """A real HTTP server (tests/fake_openai.py) refuses one question with a 400, then one judge prompt."""
+    responses = write_two(tmp_path / "data")
+
+    def text(payload):
+        content = payload["messages"][-1]["content"]
+        return content if isinstance(content, str) else " ".join(c.get("text", "") for c in content)
+
+    refused = {"[v2]"}
+    server = serve(reply=lambda p: "B" if "Your output" in text(p) else next(
+                       v for k, v in responses.items() if f"[{k}]" in text(p)),
+                   rule=lambda p: 400 if any(tag in text(p) for tag in refused) else None)
+    monkeypatch.setenv("VLMEVALKIT_DIR", write_vlmeval(tmp_path / "vk"))
+    argv = ["--model", "m", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--backend",
+            "openai", "--base-url", server.url, "--bench", "mathvista,logicvista", "--judge-backend", "openai",
+            "--judge-base-url", server.url]
+    scores = E.main(argv)
+    assert scores["benchmarks"]["mathvista"]["metrics"]["generation_failed"] == 1
+    assert len((tmp_path / "run" / "predictions.jsonl").read_text().splitlines()) == 4  # the other four kept
+    assert scores["benchmarks"]["logicvista"]["score"] == 100.0
+    refused.clear()
+    refused.add("<start>\n[l] which?")  # now the judge's prompt is refused, the model's question is not
+    (tmp_path / "run" / "judge.jsonl").unlink()
+    scores = E.main(argv)
+    assert scores["benchmarks"]["mathvista"]["metrics"]["generation_failed"] == 0
+    b = scores["benchmarks"]["logicvista"]
+    assert b["metrics"]["judge_failed"] == 2 and b["score"] == 0.0  # one prompt, two rows: both counted

@@ -240,7 +240,7 @@ def _dynamath_value(answer):  # transfer(): the first word as a float, "2π" mea
         return None
 
 
-def _dynamath_parse(answer, kind):
+def dynamath_parse(answer, kind):
     """VLMEvalKit parse_answer: float -> the value; multiple choice -> the letter ("b" -> "B", or the one of A-E
     in the text); other kinds -> the text itself. None when it cannot be read."""
     if kind == "float":
@@ -260,8 +260,8 @@ def dynamath_extract(rec, text):
     s, short = _short_answer(text)
     if short == "":
         return None  # VLMEvalKit counts an empty short answer inside any text gold; ours asks the judge
-    parsed = _dynamath_parse(short, rec["answer_type"]) if short is not None else None
-    return parsed if parsed is not None else _dynamath_parse(s, rec["answer_type"]) or None
+    parsed = dynamath_parse(short, rec["answer_type"]) if short is not None else None
+    return parsed if parsed is not None else dynamath_parse(s, rec["answer_type"]) or None
 
 
 def dynamath_vlmevalkit(rec, answer):

@@ -154,6 +154,8 @@ def judge_rows(name, bench, rows, asker, builders, exact):
     """Judge a benchmark's scored rows in place. asker(prompts, accept) -> (replies, failures), as `ask`.
     exact: VLMEvalKit's policy and reading (--rules vlmevalkit); else the judge only where the rules found
     nothing (bench.judge), its reply read by the rules. -> the number of rows left without a reply."""
+    rows = [r for r in rows if r["response"] is not None]  # a refused generation: a bad record, nothing to judge
+
     def settle(r, reply, fallback=None):
         r["extracted"], r["extracted_by"] = (reply, "judge") if reply not in (None, "") else (fallback, None)
 
@@ -185,7 +187,9 @@ def judge_rows(name, bench, rows, asker, builders, exact):
     for r in asked:
         reply = replies.get(prompts[r["qid"]])
         answer = bench.extract(r, reply) if reply else None
-        if exact and name == "mathverse":  # the extraction as the judge wrote it; "" when it failed
+        if exact and name == "dynamath" and reply:  # dynamath.py parse_answer(reply): the reply as it is, no JSON
+            answer = B.dynamath_parse(reply, r["answer_type"])
+        elif exact and name == "mathverse":  # the extraction as the judge wrote it; "" when it failed
             answer = reply or ""
         elif answer is None and reply and reply.lower() not in ("null", "none"):
             answer = reply

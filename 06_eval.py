@@ -7,10 +7,11 @@ Comparable with the paper's numbers (docs/eval.md: the details, and measurements
 - --rules vlmevalkit (default): VLMEvalKit's answer rules of April 2025, which made the leaderboard Table 4
   reports; --rules official: each benchmark's own repository's.
 - --preset paper (default): greedy, 800 new tokens, max_pixels 256*32*32, as the paper states; --preset
-  vlmevalkit: VLMEvalKit's VLAA-Thinker config (2048 tokens, pixels 1280*28*28 to 16384*28*28).
-- a judge: VLMEvalKit's gpt-4o-mini extracted answers (and graded MathVerse's). The paper's table is
-  --rules vlmevalkit --preset paper --judge-backend openai --judge-model gpt-4o-mini; without a judge, our rules
-  stand in for it.
+  vlmevalkit: VLMEvalKit's VLAA-Thinker config (2048 tokens, pixels 1280*28*28 to 16384*28*28); --preset
+  inference: the authors' inference.py (1000 tokens, the processor's default pixels).
+- a judge: VLMEvalKit's gpt-4o-mini extracted answers (and graded MathVerse's); under --rules vlmevalkit it is
+  asked where VLMEvalKit asks it, with its prompts (vlaa/judge.py). The paper's table is --rules vlmevalkit
+  --preset paper --judge-backend openai --judge-model gpt-4o-mini; without a judge, our rules stand in for it.
 
     # CPU, about a minute: the tiny random model on a toy test set (made in RUN_DIR without --data-dir)
     python toy.py build-model runs/tiny && python 06_eval.py --model runs/tiny --bench toy
@@ -29,6 +30,7 @@ report.md.
 """
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import os
@@ -42,7 +44,7 @@ from typing import NamedTuple
 import torch
 
 import rewards
-from vlaa import backends, flags, jsonl, judge_prompts, locks, qwen, records, runs
+from vlaa import backends, flags, jsonl, judge, judge_prompts, locks, qwen, records, runs
 from vlaa import benchmarks as B
 from vlaa.openai_client import api_key_for
 
@@ -58,6 +60,7 @@ PAPER = {  # the paper's Table 4 (the leaderboard of 2025-04-07): the six, then 
 PRESETS = {  # decoding is greedy in both: VLMEvalKit's temperature 0.01 with top_k 1 is greedy
     "paper": {"max_new_tokens": 800, "min_pixels": None, "max_pixels": qwen.MAX_PIXELS},
     "vlmevalkit": {"max_new_tokens": 2048, "min_pixels": 1280 * 28 * 28, "max_pixels": 16384 * 28 * 28},
+    "inference": {"max_new_tokens": 1000, "min_pixels": 4 * 28 * 28, "max_pixels": 16384 * 28 * 28},  # inference.py
 }
 
 # ----------------------------------------------------------------------------------------------------
@@ -206,7 +209,7 @@ class Benchmark(NamedTuple):
     is_correct: Callable  # (record, answer) -> bool
     aggregate: Callable   # rows (records + response, extracted, correct) -> {metric: value}
     primary: str          # the metric the table reports
-    judge: str = "never"  # when the judge is asked: never, missing (no answer), prefetch (VLMEvalKit's), always
+    judge: str = "never"  # when the judge is asked: never, missing (no answer), prefetch (vlaa/judge.py), always
     grade: Callable | None = None  # MathVerse: our rules standing in for the judge's grading step
 
 
@@ -273,8 +276,9 @@ def parse_args(argv=None):
     p.add_argument("--rules", default="vlmevalkit", choices=tuple(RULES), help="answer rules (default vlmevalkit: "
                    "VLMEvalKit of April 2025, the paper's table; official: each benchmark's repository)")
     p.add_argument("--preset", default="paper", choices=tuple(PRESETS), help="generation settings: paper (default: "
-                   "greedy, 800 new tokens, max_pixels 256*32*32) or vlmevalkit (VLMEvalKit's VLAA-Thinker config: "
-                   "2048 tokens, min/max pixels 1280*28*28 / 16384*28*28)")
+                   "greedy, 800 new tokens, max_pixels 256*32*32), vlmevalkit (VLMEvalKit's VLAA-Thinker config: "
+                   "2048 tokens, min/max pixels 1280*28*28 / 16384*28*28) or inference (the authors' inference.py: "
+                   "1000 tokens, the processor's default pixels 4*28*28 / 16384*28*28)")
     p.add_argument("--out", default=None, help="RUN_DIR (default runs/eval/<model>[-official][-vlmevalkit-preset])")
     p.add_argument("--overwrite", action="store_true", help="RUN_DIR holds another run: delete its outputs")
     p.add_argument("--skip-bad", action="store_true", help="leave out and count bad questions of --data-dir (bad "
@@ -446,32 +450,13 @@ def generate(args, data, rules):
             for name, rec in chunk:
                 image = rec["image"]  # a path or the hub's PIL image: the backends convert both (vlaa.images)
                 requests.append({"prompt": rules[name].prompt(rec), "system": system, "image": image})
-            outs = gen(requests, n=1, max_new_tokens=args.max_new_tokens, temperature=0.0)  # greedy
-            for (name, rec), out in zip(chunk, outs):
-                jsonl.append_jsonl(f, {"id": rec["qid"], "bench": name, "response": out[0]})
+            outs = gen(requests, n=1, max_new_tokens=args.max_new_tokens, temperature=0.0, on_error="return")
+            for (name, rec), out in zip(chunk, outs):  # a refused request is not kept: a rerun asks it again
+                if isinstance(out, Exception):
+                    print(f"{rec['qid']}: {out}")
+                else:
+                    jsonl.append_jsonl(f, {"id": rec["qid"], "bench": name, "response": out[0]})
             bar.update(len(chunk))
-
-
-# ----------------------------------------------------------------------------------------------------
-# The judge
-
-
-def ask_judge(judge, judge_model, path, items):
-    """items: [(id, prompt)] -> {id: reply}. Replies are kept in `path` under a hash of the judge model and prompt:
-    a rerun asks only what it has not asked this judge before."""
-    done = {}
-    if os.path.exists(path):
-        done = {r["id"]: r["reply"] for r in jsonl.read_output(path)[0]}
-    hashed = [(hashlib.sha256(f"{judge_model}\n{p}".encode()).hexdigest()[:16], i, p) for i, p in items]
-    todo = [(h, p) for h, _, p in hashed if h not in done]
-    if todo:
-        replies = judge([{"prompt": p, "image": None, "system": None} for _, p in todo], n=1, max_new_tokens=128,
-                        temperature=0.0)
-        with jsonl.open_output(path)[1] as f:
-            for (h, _), reply in zip(todo, replies):
-                done[h] = reply[0].strip()
-                jsonl.append_jsonl(f, {"id": h, "reply": done[h]})
-    return {i: done[h] for h, i, _ in hashed}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -495,19 +480,13 @@ def rule_answer(bench, rec, prediction):
     return None
 
 
-def needs_judge(bench, row):
-    if bench.judge == "prefetch":  # VLMEvalKit's prefetch skips it for a letter it can read, or a right answer
-        multiple_choice = row.get("question_type") == "multi_choice" or bool(row.get("options"))
-        return row["extracted"] is None or not (multiple_choice or row["correct"])
-    return bench.judge == "always" or (bench.judge == "missing" and row["extracted"] is None)
-
-
-def score_benchmark(name, bench, recs, responses, judge=None, judge_model=None, judge_path=None):
-    """-> rows: the record's fields + response, prediction, rule_extracted (what the rules read), extracted and
-    extracted_by (rule/judge/None: the answer scored, after any judge), correct."""
+def score_benchmark(name, bench, recs, responses, asker=None, builders=None, exact=False):
+    """-> (rows, judge requests that failed for good). rows: the record's fields + response (None: its request
+    failed), prediction, rule_extracted (what the rules read), extracted and extracted_by (rule/prefetch/judge/
+    None: the answer scored), correct. asker: the judge (vlaa/judge.py ask), or None: the rules stand in."""
     rows = []
     for rec in recs:
-        response = responses[rec["qid"]]
+        response = responses.get(rec["qid"])  # None: refused by the server, a counted bad record (wrong)
         prediction = rewards.extract_answer(response) if bench.hub is None else B.answer_block(response)
         answer = rule_answer(bench, rec, prediction) if bench.hub is not None else prediction
         row = {k: v for k, v in rec.items() if not hasattr(v, "convert")}  # PIL images stay out
@@ -515,33 +494,20 @@ def score_benchmark(name, bench, recs, responses, judge=None, judge_model=None, 
                 "extracted_by": "rule" if answer is not None else None}
         row["correct"] = bool(bench.is_correct(rec, answer))
         rows.append(row)
-    if judge is None:
+    if asker is None:
         if bench.grade is not None:  # MathVerse: exact match, else our rules stand in for the judge's grading
             for row in rows:
                 row["correct"] = row["correct"] or bench.grade(row, row["extracted"], rewards.math_reward)
-        return rows
+        return rows, 0
     if bench.hub is None:  # toy/jsonl: `open` answers are graded by the paper's verify prompt
-        asked = [r for r in rows if r["verifier_type"] == "open" and r["extracted"] is not None]
-        replies = ask_judge(judge, judge_model, judge_path, [(r["qid"], judge_prompts.judge_prompt(
-            judge_prompts.JUDGE_PROMPTS[name], r, r["extracted"])) for r in asked])
-        for r in asked:
-            r["correct"] = replies[r["qid"]].lower().startswith("yes")
-        return rows
-    asked = [r for r in rows if needs_judge(bench, r)]
-    replies = ask_judge(judge, judge_model, judge_path, [(r["qid"], judge_prompts.judge_prompt(
-        judge_prompts.JUDGE_PROMPTS[name], r, r["prediction"])) for r in asked])
-    for r in asked:
-        reply = replies[r["qid"]]
-        answer = bench.extract(r, reply) or (reply if reply and reply.lower() not in ("null", "none") else None)
-        r["extracted"], r["extracted_by"] = answer, "judge" if answer is not None else None
-        r["correct"] = bool(bench.is_correct(r, answer))
-    if bench.grade is not None:  # MathVerse's second stage: the judge grades what exact match did not accept
-        graded = [r for r in rows if not r["correct"] and r["extracted"] is not None]
-        replies = ask_judge(judge, judge_model, judge_path, [(r["qid"] + "/grade", judge_prompts.judge_prompt(
-            judge_prompts.MATHVERSE_GRADE, r, r["extracted"])) for r in graded])
-        for r in graded:
-            r["correct"] = replies[r["qid"] + "/grade"].strip() == "1"
-    return rows
+        asked = {r["qid"]: judge_prompts.judge_prompt(judge_prompts.JUDGE_PROMPTS[name], r, r["extracted"])
+                 for r in rows if r["verifier_type"] == "open" and r["extracted"] is not None}
+        replies, failed = asker(list(asked.values()), None)
+        for r in rows:
+            if r["qid"] in asked:
+                r["correct"] = replies.get(asked[r["qid"]], "").lower().startswith("yes")
+        return rows, sum(p in failed for p in asked.values())
+    return rows, judge.judge_rows(name, bench, rows, asker, builders or {}, exact)
 
 
 def trace_stats(rows):
@@ -593,6 +559,15 @@ def report_table(run_scores):
     return "\n".join(lines)
 
 
+def judge_label(args, name, judge_gen, builders):
+    """Who answered for the rules' reader, with which prompts (report.md)."""
+    if judge_gen is None:
+        return "none (our rules stand in; they also read \\boxed{} and \"answer is\")"
+    prompts = f"VLMEvalKit {judge_prompts.VLMEVALKIT_COMMIT[:8]}'s prompts" if name in builders else \
+        "the project's prompts (vlaa/judge_prompts.py)"
+    return f"{args.judge_backend} {args.judge_model}, {prompts}"
+
+
 def make_judge(args):
     """The LLM judge, or None. openai: the key only from --judge-api-key-env, or OpenAI's own endpoint's."""
     if not args.judge_backend:
@@ -635,7 +610,7 @@ def main(argv=None):
     args.batch_size = args.batch_size or (16 if args.backend == "hf" else 512)
     settings = {"rules": args.rules, "preset": args.preset, "max_new_tokens": args.max_new_tokens,
                 "min_pixels": args.min_pixels, "max_pixels": args.max_pixels, "decoding": "greedy",
-                "system_prompt": "none" if args.no_system_prompt else "VLAA-Thinker's"}
+                "system_prompt": "none" if args.no_system_prompt else "VLAA-Thinker's", "backend": args.backend}
     identity = runs.run_identity(model=runs.fingerprint_model(args.model), data=data_identity(args),
                                  limit=args.limit, **settings)
     outputs = ["predictions.jsonl", "judge.jsonl", "scores.json", "report.md", "toy-data"]
@@ -644,10 +619,12 @@ def main(argv=None):
         import toy  # the offline default: a toy test set in RUN_DIR
 
         toy.make_data(os.path.join(args.out, "toy-data"), n=0, test_n=200, seed=0)
-    judge = make_judge(args)
-    settings["judge"] = f"{args.judge_backend} {args.judge_model}" if judge else "none (rules stand in)"
-
-    data = {name: load_benchmark(name, rules[name], args, judge) for name in names}  # bad data fails first
+    judge_gen = make_judge(args)
+    try:
+        builders = judge_prompts.vlmevalkit_builders() if judge_gen and args.rules == "vlmevalkit" else {}
+    except (OSError, SyntaxError, judge_prompts.SourceError) as e:
+        raise SystemExit(f"VLMEvalKit's judge prompts: {e}") from None
+    data = {name: load_benchmark(name, rules[name], args, judge_gen) for name in names}  # bad data fails first
     generate(args, data, rules)
     predictions = jsonl.read_output(os.path.join(args.out, "predictions.jsonl"), ("response",))[0]  # damaged: redone
     responses = {r["id"]: r["response"] for r in predictions}
@@ -655,14 +632,24 @@ def main(argv=None):
     path = os.path.join(args.out, "scores.json")
     scores = read_scores(args.out) if os.path.exists(path) else {"benchmarks": {}}  # other benchmarks stay
     scores |= {"model": args.model, "settings": settings}
+    asker = functools.partial(judge.ask, judge_gen, args.judge_model, os.path.join(args.out, "judge.jsonl"))
     for name, recs in data.items():
         bench = rules[name]
-        rows = score_benchmark(name, bench, recs, responses, judge, args.judge_model,
-                               os.path.join(args.out, "judge.jsonl"))
+        rows, judge_failed = score_benchmark(name, bench, recs, responses, asker if judge_gen else None, builders,
+                                             exact=args.rules == "vlmevalkit")
         metrics = bench.aggregate(rows)
+        bad = {"generation_failed": sum(r["response"] is None for r in rows), "judge_failed": judge_failed}
+        if any(bad.values()):
+            print(f"{name}: {bad} requests failed for good: counted wrong; rerun the same command to ask them again")
         scores["benchmarks"][name] = {"score": 100 * metrics[bench.primary], "primary": bench.primary,
-                                      "n": len(rows), "metrics": metrics, "trace": trace_stats(rows)}
+                                      "n": len(rows), "metrics": metrics | bad, "trace": trace_stats(rows),
+                                      "judge": judge_label(args, name, judge_gen, builders)}
         jsonl.write_jsonl(os.path.join(args.out, f"scored-{name}.jsonl"), rows)
+    labels = defaultdict(list)  # each benchmark keeps the label of the invocation that scored it
+    for name, b in scores["benchmarks"].items():
+        labels[b.get("judge", "?")].append(TITLES.get(name, name))
+    settings["judge"] = "; ".join(f"{label} ({', '.join(b)})" if len(labels) > 1 else label
+                                  for label, b in labels.items())
     scores["avg"] = average_of_six(scores["benchmarks"])
     jsonl.write_json(path, scores)
     table = report_table([(os.path.basename(os.path.abspath(args.out)), scores)])

@@ -219,7 +219,8 @@ def scripted(responses, judge_reply="A"):
             assert n == 1 and temperature == 0.0
             if model == "gpt-4o-mini":
                 calls["judge"] += len(requests)
-                return [["Yes" if "groundtruth" in r["prompt"] else judge_reply] for r in requests]
+                return [["Yes" if "groundtruth" in r["prompt"] else "0" if "[Model_answer]" in r["prompt"] else
+                         judge_reply] for r in requests]
             calls["model"] += len(requests)
             calls["systems"] |= {r["system"] for r in requests}
             return [[next(v for k, v in responses.items() if f"[{k}]" in r["prompt"])] for r in requests]

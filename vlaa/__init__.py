@@ -8,7 +8,8 @@
                  gold answer and the model's; the gold check the loader runs
     parsing      answer readers of the benchmarks' own code (VLMEvalKit's letter matcher, MATH-V's reader)
     benchmarks   06_eval.py's per-benchmark rules, VLMEvalKit's and the official repositories'
-    judge_prompts  06_eval.py's LLM judge prompts (VLMEvalKit's) and the paper's verify prompt
+    judge_prompts  06_eval.py's LLM judge prompts: VLMEvalKit's read from its source, the project's, the paper's
+    judge        06_eval.py's judge: when it is asked, how its reply is read (as VLMEvalKit), replies kept
     qwen         the Qwen2.5-VL layer: system prompt, encoding, batching, loading, sampling
     backends     generation for the data stages and eval: hf, toy, vllm (openai in openai_client)
     datastage    the loop and flags the data stages share

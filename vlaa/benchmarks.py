@@ -159,11 +159,11 @@ def _items(text):
 
 def logicvista_vlmevalkit(rec, answer):
     """LogicVista_auxeval: the judge's reply must be capital letters only ("BD"), and sorted they must equal the
-    gold's ("B, D" -> "bd"). So a digit gold ("3") or an empty one is never right."""
+    gold's split on ", " ("B, D" -> "bd"; "B,D" -> "b,d", never right). So is a digit gold ("3") or an empty one."""
     reply = re.sub(r"[,\s]", "", answer or "")
     if not (reply.isalpha() and reply.isupper()):
         return False
-    return "".join(sorted(reply.lower())) == "".join(_items(rec["answer"]))
+    return "".join(sorted(reply.lower())) == "".join(sorted(a.lower() for a in str(rec["answer"]).split(", ")))
 
 
 def logicvista_official(rec, answer):
@@ -229,8 +229,7 @@ def _short_answer(text, official=False):
         return s, None
     if not isinstance(obj, dict) or (obj.get("short answer") is None and not official):
         return s, None
-    short = str(obj.get("short answer"))  # official: str(dj.get("short answer")), "None" when missing
-    return s, short if official else short.strip()
+    return s, str(obj.get("short answer"))  # str(...), "None" when missing (official); unstripped in both
 
 
 def _dynamath_value(answer):  # transfer(): the first word as a float, "2π" meaning 2 * pi; else None
@@ -241,7 +240,7 @@ def _dynamath_value(answer):  # transfer(): the first word as a float, "2π" mea
         return None
 
 
-def _dynamath_parse(answer, kind):
+def dynamath_parse(answer, kind):
     """VLMEvalKit parse_answer: float -> the value; multiple choice -> the letter ("b" -> "B", or the one of A-E
     in the text); other kinds -> the text itself. None when it cannot be read."""
     if kind == "float":
@@ -261,8 +260,8 @@ def dynamath_extract(rec, text):
     s, short = _short_answer(text)
     if short == "":
         return None  # VLMEvalKit counts an empty short answer inside any text gold; ours asks the judge
-    parsed = _dynamath_parse(short, rec["answer_type"]) if short is not None else None
-    return parsed if parsed is not None else _dynamath_parse(s.strip(), rec["answer_type"]) or None
+    parsed = dynamath_parse(short, rec["answer_type"]) if short is not None else None
+    return parsed if parsed is not None else dynamath_parse(s, rec["answer_type"]) or None
 
 
 def dynamath_vlmevalkit(rec, answer):

@@ -40,6 +40,8 @@ def test_training_stages_name_the_missing_flag_and_path(stage, flag, what, tmp_p
     (tmp_path / "runs").mkdir()  # runs/... is a local path then, not a hub id
     argv = {"--model": tiny_model_dir, "--data": data, "--out": str(tmp_path / "out")}
     argv[flag] = "runs/nothing/here" if flag == "--model" else str(tmp_path / "held_out.jsonl")
+    if flag == "--eval-data":
+        argv["--eval-every"] = "1"  # --eval-data alone is a usage error (flags.check_training), before any path
     main = sft.main if stage == "04" else grpo.main
     with pytest.raises(SystemExit, match=f"^{flag} {argv[flag]}: {what} "):
         main([x for kv in argv.items() for x in kv])

@@ -25,9 +25,10 @@ The terms, per GPU, in bytes (P: parameters; W: ranks; FSDP2 shards weights, gra
   activations what the backward keeps per token of a micro-batch, counted tensor by tensor from transformers'
               Qwen2.5-VL decoder layer (layer_bytes); with checkpointing, each layer's input plus one layer
               recomputed at a time
-  logprob     the log-prob path's vocabulary-sized tensors at their peak (logprob_bytes): today's path builds
-              logits for every position plus fp32 copies; the chunked path (issue 22's item 1) holds one
-              chunk of 128 positions
+  logprob     the log-prob path at its peak (logprob_bytes): 04's and 05's chunked path (vlaa/logprobs.py)
+              holds one chunk of CHUNK positions' logits, or in the backward the head's weight gradient;
+              "full", the path before issue 22 (logits for every position plus fp32 copies), is kept as
+              a comparison (`python bench/plan.py` prints both)
 A step's peak is the largest of its phases: 05 samples (resident + vLLM's share), and updates (resident +
 compute + grads + activations + log-probs + vLLM asleep); 04 only updates. Resident = weights + adam (+ ref).
 """
@@ -40,7 +41,7 @@ GIB = 2 ** 30
 CARDS = {"H100": 78.0, "H200": 139.0}  # usable GiB (80 GB and 141 GB cards, less the CUDA context)
 CARD_TOTAL = {"H100": 79.6, "H200": 139.8}  # what vLLM's gpu_memory_utilization is a share of (GiB)
 VLLM_ASLEEP_GIB = 2.0  # estimated: CUDA graphs and allocator pools a sleeping engine keeps
-CHUNK = 128  # positions per log-prob chunk in the chunked path (issue 22, item 1)
+CHUNK = 128  # vlaa/logprobs.py's CHUNK, positions per head call (tests/test_plan.py: the same value)
 PROMPT_TOKENS = 640  # 05: system prompt ~110 + a 256*32*32-pixel image <= 336 + question; padded to the longest
 
 # Qwen2.5-VL's shapes (their config.json); the vision tower is the same in both
@@ -106,22 +107,34 @@ def activation_bytes(m, tokens, checkpointing, r=4, c=2, masked=True, backward=T
     return tokens * (layers + recompute + norm_bytes(h, r, c, 1) + r * h + 2 * d * r)
 
 
-def logprob_bytes(stage, path, vocab, rows, seq, new_tokens=0, hidden=0, c=2, grad=True):
-    """The log-prob path's peak of vocabulary-sized tensors for one micro-batch of `rows` rows of `seq`
-    tokens (05: `new_tokens` of them completions). Today's path ("full"), counted from 04's token_loss_sum
-    and 05's token_logprobs: logits for all `seq` positions in the compute dtype (c), then fp32 copies:
+def logprob_bytes(stage, path, vocab, rows, seq, new_tokens=0, hidden=0, c=2, grad=True, r=4):
+    """The log-prob path's peak for one micro-batch of `rows` rows of `seq` tokens (05: `new_tokens` of them
+    completions; 04: the labelled tokens, all `seq` unless `new_tokens` says how many).
+    The chunked path ("chunked", vlaa/logprobs.py chosen_logprobs, counted from its code): the hidden states
+    of the scored positions (r bytes each, kept by checkpoint() for the backward, and their gradient), and
+    the largest of a chunk's moments, for CHUNK positions x the vocabulary:
+      no grad        logits c and their fp32 copy, then that copy and the / T copy, then the / T logits and
+                     logsumexp's (x - max).exp_() temporary: 8 bytes per entry at the most
+      backward       checkpoint() recomputes the chunk: the / T logits kept for logsumexp, its backward's
+                     difference, exp and product, the other branch's gradient: 16 bytes per entry; then
+                     the head's weight gradient, vocab x hidden in the compute dtype and, on one GPU, its
+                     fp32 copy before it is added to the gradient (under FSDP2 the bf16 one is reduced)
+    The head's bf16 weight copy is the `compute` term; the accumulated weight gradient, the `grads` term.
+    The path before issue 22 ("full"), counted from 04's token_loss_sum and 05's token_logprobs of then:
+    logits for all `seq` positions in the compute dtype (c), then fp32 copies:
       04             logits c, the fp32 copy, log_softmax's output, its gradient: (c + 12) per position
       05 update      the fp32 logits / T kept for logsumexp; at the peak the entropy's softmax,
                      nan_to_num and product (no grad), or in the backward two gradients and a temporary:
                      20 bytes per completion position, or c per position + 4 per completion while casting
       05 no grad     the fp32 copy and the / T copy, then the / T copy and logsumexp's temporary: 8 per
-                     completion position
-    The chunked path (issue 22, item 1; estimated): one chunk of CHUNK positions at a time (16 bytes per
-    vocabulary entry), plus the hidden states of the positions scored, kept with their gradient."""
+                     completion position"""
     f = 4
     if path == "chunked":
-        kept = new_tokens if stage == "grpo" else seq
-        return 4 * f * CHUNK * vocab + rows * kept * hidden * (c + f if grad else c)
+        kept = rows * (new_tokens or seq)
+        if not grad:
+            return max(c + f, 2 * f) * CHUNK * vocab + r * kept * hidden
+        weight_grad = (c + (f if r == 4 else 0)) * vocab * hidden
+        return max(4 * f * CHUNK * vocab, weight_grad) + 2 * r * kept * hidden
     if stage == "sft":
         return rows * vocab * seq * max(c + 2 * f, 3 * f)
     if not grad:
@@ -129,7 +142,7 @@ def logprob_bytes(stage, path, vocab, rows, seq, new_tokens=0, hidden=0, c=2, gr
     return rows * vocab * max(c * seq + f * new_tokens, 5 * f * new_tokens)
 
 
-def plan(stage, size, gpus, micro, checkpointing, ref_offload=False, card="H100", logprob="full", seq=None,
+def plan(stage, size, gpus, micro, checkpointing, ref_offload=False, card="H100", logprob="chunked", seq=None,
          new_tokens=None, vllm=True):
     """Every term per GPU in GiB, and the peak of each phase -> dict. Single-GPU runs are plain python
     (autocast, fp32 residual stream); several GPUs are FSDP2 with bf16 parameters (bf16 residual stream).
@@ -156,7 +169,7 @@ def plan(stage, size, gpus, micro, checkpointing, ref_offload=False, card="H100"
     out["activations"] = activation_bytes(m, tokens, checkpointing, r=r)
     out["activations_no_ckpt"] = activation_bytes(m, tokens, False, r=r)
     out["activations_ckpt"] = activation_bytes(m, tokens, True, r=r)
-    out["logprob"] = logprob_bytes(stage, logprob, v, micro, seq, new, h)
+    out["logprob"] = logprob_bytes(stage, logprob, v, micro, seq, new, h, r=r)
     out = {k: x / GIB for k, x in out.items()}
     resident = out["weights"] + out["adam"] + out.get("ref", 0.0)
     phases = {"update": resident + out["compute"] + out["grads"] + out["activations"] + out["logprob"]}
@@ -167,7 +180,7 @@ def plan(stage, size, gpus, micro, checkpointing, ref_offload=False, card="H100"
         phases["rollout"] = resident + out["vllm"]
         if ref_offload and gpus == 1:  # the reference visits whole; no gradients exist then
             ref = 2 * total / GIB
-            no_grad = logprob_bytes(stage, logprob, v, micro, seq, new, h, grad=False) / GIB
+            no_grad = logprob_bytes(stage, logprob, v, micro, seq, new, h, grad=False, r=r) / GIB
             phases["reference"] = resident + ref + asleep + no_grad
     out["phases"] = phases
     out["peak"] = max(phases.values())
@@ -217,15 +230,16 @@ def show_terms():
     keys = ["weights", "compute", "grads", "adam", "ref", "vllm", "activations_no_ckpt", "activations_ckpt",
             "logprob"]
     print("GiB per GPU, estimated from the shapes; activations and log-probs for one micro-batch (05: prompt "
-          f"{PROMPT_TOKENS} + {GRPO['new_tokens']} new tokens; 04: {SFT['seq']} tokens); log-probs by today's path")
+          f"{PROMPT_TOKENS} + {GRPO['new_tokens']} new tokens; 04: {SFT['seq']} tokens); log-probs by the chunked path")
     print(f"{'':28s}" + "".join(f"{k.replace('activations', 'act'):>12s}" for k in keys) + f"{'peak':>8s}")
     for stage, size, gpus, card, micro, ckpt, offload in COMMANDS:
         p = plan(stage, size, gpus, micro, ckpt, offload, card)
         name = f"{size} {stage} {gpus} GPU mb{micro}{' off' if offload else ''}"
         print(f"{name:28s}" + "".join(f"{p.get(k, 0.0):12.1f}" for k in keys) + f"{p['peak']:8.1f}"
               + ("" if p["fits"] else "  DOES NOT FIT"))
-        c = plan(stage, size, gpus, micro, ckpt, offload, card, logprob="chunked")
-        print(f"{'  with chunked log-probs':28s}{'':96s}{c['logprob']:12.1f}{c['peak']:8.1f}")
+        c = plan(stage, size, gpus, micro, ckpt, offload, card, logprob="full")
+        print(f"{'  full logits (before 22)':28s}{'':96s}{c['logprob']:12.1f}{c['peak']:8.1f}"
+              + ("" if c["fits"] else "  DOES NOT FIT"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -318,6 +332,7 @@ def check(rows=4, seq=1024, new=256):
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     grpo, sft = importlib.import_module("05_grpo"), importlib.import_module("04_sft")
+    assert importlib.import_module("vlaa.logprobs").CHUNK == CHUNK, "bench/plan.py's CHUNK must be vlaa/logprobs.py's"
     model, m = small_model()
     results = []
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
@@ -350,35 +365,36 @@ def check(rows=4, seq=1024, new=256):
         model.zero_grad(set_to_none=True)
     model.gradient_checkpointing_disable()
     model.model.language_model.embed_tokens.weight.requires_grad_(True)
-    grads = 4 * sum(p.numel() for p in model.model.language_model.parameters())  # the tied lm_head included
+    trained = sum(p.numel() for p in model.model.language_model.parameters())  # the tied lm_head included
+    compute = 2 * trained  # autocast's bf16 copies (the plan's compute term): the head's is the largest
 
-    # 04's loss and 05's log-probs as the stages compute them
+    # 04's loss and 05's log-probs as the stages compute them (the chunked path): n2 labelled or new tokens
     r2, s2, n2 = 2, 512, new
     b = padded_batch(r2, s2, m["vocab"])
     labels = b["input_ids"].clone()
     labels[:, :s2 - n2] = -100
-    base = activation_bytes(m, r2 * s2, False, backward=True) + grads
+    base = activation_bytes(m, r2 * s2, False, backward=True) + 4 * trained + compute
 
     def sft_loss():
         with bf16():
             return sft.token_loss_sum(model, dict(b, labels=labels))[0]
     _, peak = measure(sft_loss)
-    row(f"04 token_loss_sum + backward, {r2} x {s2} tokens", base + logprob_bytes("sft", "full", m["vocab"], r2, s2),
-        peak)
+    row(f"04 token_loss_sum + backward, {r2} x {s2} tokens, {n2} labelled", base + logprob_bytes(
+        "sft", "chunked", m["vocab"], r2, s2, n2, m["hidden"]), peak)
     model.zero_grad(set_to_none=True)
     comp, width, vision = b["input_ids"][:, s2 - n2:], s2 - n2, torch.tensor([], dtype=torch.long)
 
     def grpo_logp(grad=True):
         with torch.set_grad_enabled(grad), bf16():
-            logp = grpo.token_logprobs(model, b, width, comp, 1.0, vision, with_entropy=grad)[0]
+            logp = grpo.token_logprobs(model, b, width, comp, 1.0, vision, torch.device("cpu"), with_entropy=grad)[0]
         return logp.sum()
     _, peak = measure(grpo_logp)
     row(f"05 token_logprobs + backward, {r2} x {s2} tokens, {n2} new", base + logprob_bytes(
-        "grpo", "full", m["vocab"], r2, s2, n2), peak)
+        "grpo", "chunked", m["vocab"], r2, s2, n2, m["hidden"]), peak)
     model.zero_grad(set_to_none=True)
     _, peak = measure(lambda: grpo_logp(False), backward=False)
-    row(f"05 token_logprobs without grad, {r2} x {s2} tokens, {n2} new", logprob_bytes(
-        "grpo", "full", m["vocab"], r2, s2, n2, grad=False), peak)
+    row(f"05 token_logprobs without grad, {r2} x {s2} tokens, {n2} new", compute + logprob_bytes(
+        "grpo", "chunked", m["vocab"], r2, s2, n2, m["hidden"], grad=False), peak)
     return results
 
 

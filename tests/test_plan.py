@@ -54,6 +54,21 @@ def test_terms_by_hand():
     assert p["activations_ckpt"] < p["activations_no_ckpt"] / 10
 
 
+def test_chunked_logprob_term_by_hand():
+    from vlaa import logprobs
+
+    assert plan.CHUNK == logprobs.CHUNK == 128
+    v, h = 151_936, 2048  # the 3B; 2 rows of 1,024 new tokens
+    # one GPU, backward: the head's weight gradient, bf16 and its fp32 copy (6 V H) outgrows one chunk's 16 C V;
+    # the scored positions' hidden states (fp32) and their gradient
+    assert plan.logprob_bytes("grpo", "chunked", v, 2, 1664, 1024, h) == 6 * v * h + 2 * 4 * 2 * 1024 * h
+    assert plan.logprob_bytes("grpo", "chunked", v, 2, 1664, 1024, h, r=2) == 2 * v * h + 2 * 2 * 2 * 1024 * h
+    assert plan.logprob_bytes("grpo", "chunked", v, 2, 1664, 1024, h, grad=False) == 8 * 128 * v + 4 * 2048 * h
+    assert plan.logprob_bytes("sft", "chunked", v, 1, 4096, 0, 64) == 16 * 128 * v + 8 * 4096 * 64  # one chunk
+    p = plan.plan("grpo", "3b", 1, 2, True, True)  # the chunked path is the plan's
+    assert p["logprob"] == plan.logprob_bytes("grpo", "chunked", v, 2, 1664, 1024, h) / 2 ** 30
+
+
 @pytest.mark.parametrize("command", plan.COMMANDS, ids=lambda c: "-".join(map(str, c)))
 def test_every_readme_command_fits_its_card(command):
     stage, size, gpus, card, micro, ckpt, offload = command

@@ -7,6 +7,7 @@ metric reductions over ranks, and the checkpoint cadence, the save on SIGTERM an
 Held-out accuracy during training is vlaa/heldout.py; the NaN/Inf guards, vlaa/finite.py.
 """
 
+import atexit
 import contextlib
 import json
 import math
@@ -38,6 +39,9 @@ def init_distributed():
         device = torch.device("cpu")
     if (world > 1 or FORCE_FSDP) and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # a rank that ends without finish_training (an error, a refused run, a script) still closes the group:
+        # exiting with a live gloo group can abort the process ("terminate called without an active exception")
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return {"rank": rank, "world": world, "local_rank": local, "device": device, "master": rank == 0}
 
 

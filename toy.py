@@ -1,16 +1,17 @@
-"""The offline world: a tiny random Qwen2.5-VL, a synthetic visual-reasoning dataset, a toy teacher.
+"""The offline world: a tiny random Qwen2.5-VL or Qwen3-VL, a synthetic visual-reasoning dataset, a toy teacher.
 
 No model or data set can be downloaded on a CPU box or in CI, yet every stage of the recipe must run
 (and learn) there. This file stands in for the hub:
 
     python toy.py build-model runs/tiny [--size tiny|small]     # random Qwen2.5-VL, saved like a real one
+    python toy.py build-model runs/tiny3 --family qwen3-vl      # random Qwen3-VL (toy_model.py builds both)
     python toy.py make-data runs/data --n 2000 --seed 0         # images/, train.jsonl, test.jsonl
     python toy.py make-data runs/direct --responses   # + each question's direct answer: demo.py's base learns on it
 
-The model folder holds what `from_pretrained` expects of a real Qwen2.5-VL checkpoint (config,
+The model folder holds what `from_pretrained` expects of a real Qwen2.5-VL (or Qwen3-VL) checkpoint (config,
 safetensors, a byte-level BPE tokenizer with Qwen's special tokens and chat template, the image
 processor), so every stage loads it with the same code that loads Qwen/Qwen2.5-VL-3B-Instruct. It builds in
-well under a second.
+about a second.
 
 The data mirrors the paper's sources (§2, Table 1), one small task per verifier type (§4.1):
 
@@ -38,7 +39,8 @@ caption and question (with dials for wrong steps and for hesitant "wait, let me 
 a rewriter and a Yes/No judge. In Python: `gen = make_teacher(*parse_teacher_spec("captioner"))`,
 then `gen([{"prompt": "...", "image": pil_image, "system": None}], n=1, seed=0) -> [["..."]]`.
 
-toy.py imports nothing of the project: the package imports toy.py (lazily, for that backend), never the reverse.
+toy.py imports only toy_model.py of the project: the package imports toy.py (lazily, for that backend), never
+the reverse.
 """
 
 import argparse
@@ -51,54 +53,16 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-# ----------------------------------------------------------------------------------------------------
-# Sizes and the tokenizer corpus
-
-# The VLAA-Thinker system prompt, verbatim (the paper's App. Fig. 12); vlaa/qwen.py holds the same text.
-VLAA_SYSTEM_PROMPT = (
-    "You are VL-Thinking🤔, a helpful assistant with excellent reasoning ability. A user asks you a question, "
-    "and you should try to solve it. You should first think about the reasoning process in the mind and then "
-    "provides the user with the answer. The reasoning process and answer are enclosed within <think> </think> "
-    "and <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
-    "<answer> answer here </answer>"
+# The tiny models live in toy_model.py; re-exported here, since tests, demo.py and bench/ call toy.build_model
+from toy_model import (  # noqa: F401
+    FAMILIES,
+    SIZES,
+    SPECIAL_TOKENS,
+    VLAA_SYSTEM_PROMPT,
+    build_model,
+    build_tokenizer,
+    tokenizer_corpus,
 )
-
-SIZES = {
-    # docs/toy.md: "tiny" learns colour, boxes and counts in minutes on 2 cores
-    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, vision_hidden=32, vision_depth=2),
-    "small": dict(hidden=128, layers=4, heads=4, kv_heads=2, vision_hidden=64, vision_depth=2),
-}
-VOCAB_SIZE = 1024  # BPE stops early when the corpus runs out of merges
-IMAGE_MIN_PIXELS = 28 * 28 * 4  # a 56 px image -> 4 image tokens
-IMAGE_MAX_PIXELS = 28 * 28 * 16  # a 112 px image -> 16 image tokens: sequences stay short on a CPU
-SPECIAL_TOKENS = [  # listed first, so their ids are fixed (0..6), Qwen's own names
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-    "<|video_pad|>",
-]
-
-# Qwen2-VL / Qwen2.5-VL chat template (same layout as the real one: default system turn, one
-# <|image_pad|> per image that the processor expands to the image's token count).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def tokenizer_corpus():
-    """Lines the BPE is trained on: what the tiny model reads and writes most should be few tokens."""
-    return [VLAA_SYSTEM_PROMPT, "You are a helpful assistant.", "system user assistant",
-            *["<think> </think> <answer> </answer>"] * 50, *world_corpus()]
-
 
 # The values in a sentence (numbers, option letters, colours, shapes): the corpus is cut at them, so that
 # merges (which cross spaces, see build_tokenizer) make phrases into tokens but never glue an answer to a phrase.
@@ -123,66 +87,6 @@ def world_corpus(n=200, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The tiny model
-
-
-def build_tokenizer(corpus):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    # byte-level: any text encodes, no unknown token. use_regex=False lets merges cross word
-    # boundaries, so the 60-word system prompt becomes a handful of tokens instead of 60.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
-        chat_template=CHAT_TEMPLATE,
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
-
-
-def build_model(out, size="tiny", seed=0):
-    """Write a random Qwen2.5-VL to `out`; returns the folder. No download, well under a second."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    s = SIZES[size]
-    tokenizer = build_tokenizer(tokenizer_corpus())
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    h, head_dim = s["hidden"], s["hidden"] // s["heads"]
-    # M-RoPE splits head_dim/2 rotary pairs over (time, height, width); the sections must add up
-    mrope = [head_dim // 2 - 2 * (3 * head_dim // 16), 3 * head_dim // 16, 3 * head_dim // 16]
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=s["layers"],
-            num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=True),
-        vision_config=dict(
-            depth=s["vision_depth"], hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
-            num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=h,
-            window_size=56, fullatt_block_indexes=[s["vision_depth"] - 1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.update(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], do_sample=False)
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS,
-                                               patch_size=14, merge_size=2, temporal_patch_size=2)
-    os.makedirs(out, exist_ok=True)
-    for part in (model, tokenizer, image_processor):  # what from_pretrained of a real checkpoint reads
-        part.save_pretrained(out)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
 # The toy world: scenes drawn so that a program can read them back exactly
 
 # Shapes and colours as measured in docs/toy.md. Every object is drawn in one flat
@@ -191,7 +95,8 @@ def build_model(out, size="tiny", seed=0):
 BACKGROUND, INK = (245, 245, 245), (20, 20, 20)
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 40), "blue": (40, 70, 220), "yellow": (230, 200, 30)}
 SHAPES, JITTER = ("circle", "square", "triangle"), 20  # JITTER: +- per channel, so each object has its own shade
-CELL = 28  # one merged Qwen2.5-VL vision token covers 28x28 px: one object per cell, one cell per token
+CELL = 28  # one merged Qwen2.5-VL vision token covers 28x28 px: one object per cell, one cell per token (Qwen3-VL's
+# processor scales 112 px to 128, its 4x4 tokens of 32 px: again one cell per token, toy_model.PIXELS_PER_TOKEN)
 
 
 @dataclass
@@ -670,10 +575,11 @@ def main(argv=None):
     from vlaa.flags import nonneg_int, parse, positive_int
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build-model", help="write a random Qwen2.5-VL (tokenizer, image processor) to OUT")
+    b = sub.add_parser("build-model", help="write a random Qwen2.5-VL or Qwen3-VL (tokenizer, image processor)")
     b.add_argument("out", help="output folder")
     b.add_argument("--size", choices=sorted(SIZES), default="tiny", help="tiny (~0.2M params) or small (~0.9M)")
     b.add_argument("--seed", type=nonneg_int, default=0, help="weight init seed")
+    b.add_argument("--family", choices=FAMILIES, default=FAMILIES[0], help="model family (default qwen2.5-vl)")
     d = sub.add_parser("make-data", help="write OUT/images/, OUT/train.jsonl and OUT/test.jsonl")
     d.add_argument("out", help="output folder")
     d.add_argument("--n", type=nonneg_int, default=2000, help="training records (default 2000)")
@@ -688,8 +594,8 @@ def main(argv=None):
     d.add_argument("--responses", action="store_true", help="add each record's direct answer as `response`")
     args = parse(p, argv)  # every number in its range, or a usage error naming the flag
     if args.cmd == "build-model":
-        build_model(args.out, args.size, args.seed)
-        print(f"wrote a random Qwen2.5-VL ({args.size}) to {args.out}")
+        build_model(args.out, args.size, args.seed, args.family)
+        print(f"wrote a random {args.family} ({args.size}) to {args.out}")
     else:
         world = World(args.size, args.max_objects, args.grid, args.shuffle_options)
         make_data(args.out, args.n, args.test_n, args.seed, args.kinds, world, args.responses)

@@ -28,13 +28,12 @@ model/ (a Hugging Face folder, like any Qwen2.5-VL checkpoint).
 import argparse
 import os
 import time
-from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
 
 import rewards
-from vlaa import colocate, flags, heldout, logprobs, qwen, runs, tracking, training
+from vlaa import colocate, flags, heldout, logprobs, qwen, runs, tracking, training, vision
 from vlaa.flags import at_least, fraction, nonneg_float, nonneg_int, positive_float, positive_int, probability
 from vlaa.records import has_aha, load_records, normalize_verifier
 
@@ -245,21 +244,11 @@ def adaptive_kl_coef(coef, kl, target, n_samples, horizon):
 # Log-probs for a vision-language model
 
 
-def image_features(model, prompts):
-    """The vision tower on each prompt's image once (no grad): reused by generate and by the reference,
-    old and policy forwards of all G completions while the tower is frozen, instead of G x 4 runs."""
-    pixel_values = torch.cat([e["pixel_values"] for e in prompts]).to(model.device)  # [patches, 1176]
-    grid = torch.cat([e["image_grid_thw"] for e in prompts]).to(model.device)  # [prompts, 3]
-    with torch.no_grad(), training.autocast(model.device):
-        out = model.get_image_features(pixel_values, image_grid_thw=grid, return_dict=True)
-    return list(out.pooler_output)  # one [image tokens, hidden] per prompt
-
-
 def sequence_batch(prompts, rows, group_size, comp, comp_mask, pad_id, features=None):
     """Model inputs for completion rows: [left pad | prompt | completion | right pad], with the images
-    as pixels or as precomputed vision features -> (batch, prompt width W).
+    as pixels or as precomputed vision features (vlaa/vision.py) -> (batch, prompt width W).
 
-    Positions: Qwen2.5-VL numbers image tokens on three axes (time, height, width) and text tokens on
+    Positions: Qwen-VL's M-RoPE numbers image tokens on three axes (time, height, width) and text tokens on
     all three alike. A completion's tokens continue from its prompt's largest position, as generate()
     numbers them; the prompt's own come from its cached encoding. Padding gets position 0."""
     examples = [prompts[r // group_size] for r in rows]
@@ -277,9 +266,7 @@ def sequence_batch(prompts, rows, group_size, comp, comp_mask, pad_id, features=
         pos[:, i, W:] = (e["positions"].max() + steps) * m[i]
     batch["position_ids"] = pos
     if features is not None:
-        del batch["pixel_values"]
-        per_row = [features[r // group_size] for r in rows]
-        batch["mm_encoder_outputs"] = {"image": SimpleNamespace(pooler_output=per_row)}
+        batch = vision.with_features(batch, [features[r // group_size] for r in rows])
     return batch, W
 
 
@@ -319,9 +306,7 @@ def rollout_hf(model, prompts, group_size, args, pad_id, features=None):
     * G. With precomputed vision features, the vision tower does not run again on G copies of each image."""
     batch = qwen.repeat_batch(qwen.collate(prompts, pad_id), group_size)  # rows p*G .. p*G+G-1: prompt p
     if features is not None:
-        del batch["pixel_values"]
-        batch["mm_encoder_outputs"] = {"image": SimpleNamespace(
-            pooler_output=[f for f in features for _ in range(group_size)])}
+        batch = vision.with_features(batch, [f for f in features for _ in range(group_size)])
     model.eval()
     comp, mask = qwen.sample_completions(model, qwen.to_device(batch, model.device), args.max_new_tokens,
                                     args.temperature, args.top_p, pad_id=pad_id)
@@ -440,7 +425,7 @@ def main(argv=None):
         # 1. rollouts; while the vision tower is frozen, its features are computed once per prompt here and
         # reused by generate and by the reference, old and policy forwards of all G completions
         t0 = time.perf_counter()
-        features = None if args.train_vision else image_features(model, prompts)
+        features = None if args.train_vision else vision.image_features(model, prompts)
         if llm is not None:
             colocate.push_weights_to_vllm(llm, model, skip_vision=not args.train_vision)
             comp, comp_mask, sampler_logp = colocate.rollout_vllm(llm, step_records, args.group_size, args,

@@ -1,4 +1,7 @@
-"""Shared fixtures: the tiny random Qwen2.5-VL is built once per test session (well under a second)."""
+"""Shared fixtures: the tiny random Qwen2.5-VL and Qwen3-VL are built once per test session (about a second).
+
+`tiny_model_dir` / `tiny` are the Qwen2.5-VL toy; `tiny_qwen3_dir` / `tiny_qwen3` the Qwen3-VL one;
+`each_model_dir` / `each_tiny` run a test once per family."""
 
 import os
 import sys
@@ -27,6 +30,37 @@ def tiny(tiny_model_dir):
 
     model, tok, ip = qwen.load_model(tiny_model_dir, "float32", "cpu")
     return model.eval(), tok, ip
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory):
+    import toy
+
+    return toy.build_model(str(tmp_path_factory.mktemp("tiny3")), "tiny", family="qwen3-vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tiny_qwen3_dir):
+    """The Qwen3-VL toy as (model, tokenizer, image_processor), fp32 on CPU; not to be trained either."""
+    from vlaa import qwen
+
+    model, tok, ip = qwen.load_model(tiny_qwen3_dir, "float32", "cpu")
+    return model.eval(), tok, ip
+
+
+FAMILY_FIXTURES = {"qwen2.5-vl": ("tiny_model_dir", "tiny"), "qwen3-vl": ("tiny_qwen3_dir", "tiny_qwen3")}
+
+
+@pytest.fixture(params=list(FAMILY_FIXTURES))
+def each_model_dir(request):
+    """The tiny model folder of each family in turn: a stage must run on both with no flag but --model."""
+    return request.getfixturevalue(FAMILY_FIXTURES[request.param][0])
+
+
+@pytest.fixture(params=list(FAMILY_FIXTURES))
+def each_tiny(request):
+    """(model, tokenizer, image_processor) of each family in turn."""
+    return request.getfixturevalue(FAMILY_FIXTURES[request.param][1])
 
 
 def rows(path):

@@ -386,9 +386,9 @@ def test_six_benchmarks_from_local_copies_then_the_side_by_side_report(tmp_path,
     assert capsys.readouterr().out.strip() == table
 
 
-def test_toy_end_to_end_with_the_tiny_model(tiny_model_dir, tmp_path, capsys):
+def test_toy_end_to_end_with_the_tiny_model(each_model_dir, tmp_path, capsys):
     toy.make_data(str(tmp_path / "toy"), n=0, test_n=6, seed=0)
-    scores = E.main(["--model", tiny_model_dir, "--bench", "toy", "--data-dir", str(tmp_path / "toy"),
+    scores = E.main(["--model", each_model_dir, "--bench", "toy", "--data-dir", str(tmp_path / "toy"),
                      "--out", str(tmp_path / "tiny"), "--backend", "hf", "--max-new-tokens", "8"])
     out = capsys.readouterr().out
     n = scores["benchmarks"]["toy"]["n"]

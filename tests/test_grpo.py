@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, solid_image
 
 import toy
-from vlaa import colocate, jsonl, qwen
+from vlaa import colocate, jsonl, qwen, vision
 
 grpo = importlib.import_module("05_grpo")
 sft = importlib.import_module("04_sft")
@@ -212,7 +212,7 @@ def test_recomputed_logprobs_equal_the_sampling_distribution(tiny, reuse_vision,
     is_eos = comp == tok.eos_token_id
     mask = ((is_eos.cumsum(1) - is_eos.long()) == 0).long()
     sampled = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, comp.unsqueeze(-1)).squeeze(-1)
-    features = grpo.image_features(model, prompts) if reuse_vision else None
+    features = vision.image_features(model, prompts) if reuse_vision else None
     b, P = grpo.sequence_batch(prompts, list(range(len(comp))), G, comp, mask, tok.pad_token_id, features)
     with torch.no_grad():
         logp, _ = grpo.token_logprobs(model, b, P, comp, T, qwen.vision_token_ids(model.config), "cpu")
@@ -246,8 +246,8 @@ def mixed_data(tmp_path_factory):
     return os.path.join(out, "train.jsonl")
 
 
-def test_two_ranks_with_mixed_verifier_types_under_torchrun(tmp_path, tiny_model_dir, mixed_data):
-    args = grpo_args(tiny_model_dir, mixed_data, tmp_path / "run", "--max-steps", 3, "--kl-coef", 0.01)
+def test_two_ranks_with_mixed_verifier_types_under_torchrun(tmp_path, each_model_dir, mixed_data):
+    args = grpo_args(each_model_dir, mixed_data, tmp_path / "run", "--max-steps", 3, "--kl-coef", 0.01)
     args[args.index("--rollout-batch") + 1] = "8"  # 4 prompts per rank, of different types on the two ranks
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "05_grpo.py", *args],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -340,15 +340,15 @@ def test_grpo_learns_the_colour_question_from_a_format_only_start(tmp_path, tiny
     assert last - first >= 0.3
 
 
-def test_rollout_with_precomputed_vision_features_samples_the_same(tiny):
+def test_rollout_with_precomputed_vision_features_samples_the_same(each_tiny):
     """generate() fed the vision features once per prompt == generate() running the tower on G copies."""
-    model, tok, ip = tiny
+    model, tok, ip = each_tiny
     prompts = [qwen.encode_example(tok, ip, q, solid_image(s)) for q, s in (("a?", 56), ("bb?", 112))]
     args = type("A", (), {"max_new_tokens": 10, "temperature": 1.0, "top_p": 1.0})
     torch.manual_seed(0)
     with_pixels = grpo.rollout_hf(model, prompts, 3, args, tok.pad_token_id)
     torch.manual_seed(0)
-    with_features = grpo.rollout_hf(model, prompts, 3, args, tok.pad_token_id, grpo.image_features(model, prompts))
+    with_features = grpo.rollout_hf(model, prompts, 3, args, tok.pad_token_id, vision.image_features(model, prompts))
     model.eval()
     assert torch.equal(with_pixels[0], with_features[0]) and torch.equal(with_pixels[1], with_features[1])
 

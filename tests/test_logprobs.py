@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import ROOT, solid_image
 
-from vlaa import logprobs, qwen
+from vlaa import logprobs, qwen, vision
 
 grpo = importlib.import_module("05_grpo")
 sft = importlib.import_module("04_sft")
@@ -56,7 +56,7 @@ def rollout_batch(tiny_model_dir, tmp_path, reuse_vision):
     torch.manual_seed(0)
     comp, mask = qwen.sample_completions(model.eval(), qwen.repeat_batch(qwen.collate(prompts, 0), 2), 9,
                                          temperature=1.0, pad_id=tok.pad_token_id)
-    features = grpo.image_features(model, prompts) if reuse_vision else None
+    features = vision.image_features(model, prompts) if reuse_vision else None
     b, width = grpo.sequence_batch(prompts, list(range(len(comp))), 2, comp, mask, tok.pad_token_id, features)
     return model, b, width, comp, mask
 

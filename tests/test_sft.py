@@ -67,12 +67,12 @@ def test_token_loss_is_normalised_over_answer_tokens(tiny):
     assert 0 < loss_sum / n < 20
 
 
-def test_two_ranks_give_the_same_loss_curve_as_one(tmp_path, tiny_model_dir):
+def test_two_ranks_give_the_same_loss_curve_as_one(tmp_path, each_model_dir):
     import toy
 
     data = colour_sft_data(str(tmp_path / "d"))
     toy.make_data(str(tmp_path / "held"), n=0, test_n=9, seed=1, kinds="colour,count,box")  # mixed types
-    common = ["--model", tiny_model_dir, "--data", data, "--global-batch", 16, "--micro-batch", 4, "--lr", 2e-3,
+    common = ["--model", each_model_dir, "--data", data, "--global-batch", 16, "--micro-batch", 4, "--lr", 2e-3,
               "--max-steps", 4, "--eval-data", tmp_path / "held" / "test.jsonl", "--eval-every", 2,
               "--eval-max-new-tokens", 4]
     run_sft(*common, "--out", tmp_path / "one")

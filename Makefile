@@ -28,8 +28,9 @@ $(VLLM_VENV)/.installed: tests/vllm_cpu/requirements.txt tests/vllm_cpu/install.
 	bash tests/vllm_cpu/install.sh $(VLLM_VENV)
 	touch $@
 
-# every vLLM path for real on the CPU: the vllm backend of 01/02/06, 05's colocated rollouts (torchrun, 2 ranks);
-# there the vllm tests fail, never skip, when vLLM is missing or broken
+# every vLLM path for real on the CPU, on the toy of each model family (Qwen2.5-VL, Qwen3-VL): the vllm backend
+# of 01/02/06, 05's colocated rollouts (torchrun, 2 ranks); there the vllm tests fail, never skip, when vLLM
+# is missing or broken
 test-vllm: $(VLLM_VENV)/.installed
 	VLAA_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py $(PYTEST_ARGS)
 

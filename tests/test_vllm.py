@@ -1,4 +1,5 @@
-"""Every vLLM path, run for real on vLLM's CPU build with the toy `small` model (`make test-vllm`).
+"""Every vLLM path, run for real on vLLM's CPU build with the toy `small` model of each family, Qwen2.5-VL and
+Qwen3-VL (`make test-vllm`; `-k qwen3` picks one family).
 
 The colocated engine of 05 in this process (each weight push, greedy parity with the policy, the engine's
 log-probs against the trainer's), then the stages as a user runs them: the `vllm` backend of 01, 02 and
@@ -57,9 +58,9 @@ def run(cmd, timeout=600):
     return r
 
 
-@pytest.fixture(scope="module")
-def small_dir(tmp_path_factory):
-    return toy.build_model(str(tmp_path_factory.mktemp("small")), "small")
+@pytest.fixture(scope="module", params=toy.FAMILIES)
+def small_dir(request, tmp_path_factory):
+    return toy.build_model(str(tmp_path_factory.mktemp("small")), "small", family=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ class TestColocatedEngine:
         assert llm.llm_engine.model_config.dtype == torch.float32 == model.dtype  # fp32 on CPU
         rec = load_records(mixed_data)[0]
         ex = qwen.encode_example(tok, ip, rec["question"], load_image(rec["image"]))
-        assert ex["image_grid_thw"].tolist() == [[1, 4, 4]]  # 112 px resized to 56 px: 4 image tokens
+        assert ex["image_grid_thw"].tolist() == [[1, 4, 4]]  # 112 px resized to 56 px (Qwen3-VL: 64): 4 tokens
         prompt = {"prompt_token_ids": tok.encode(qwen.chat_prompt(tok, rec["question"], 1), add_special_tokens=False),
                   "multi_modal_data": {"image": load_image(rec["image"])}}
         out = llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)[0]
@@ -224,6 +225,8 @@ def check_metrics(out, steps):
     assert [m["step"] for m in lines] == list(range(1, steps + 1))
     for m in lines:  # the measured mismatch is logged, and small: same weights, fp32 on both sides
         assert m["vllm/logp_diff_mean"] < 1e-3 and m["vllm/logp_diff_max"] < 1e-2, m
+    print(f"05's engine-trainer log-prob gap over {steps} steps: mean up to "  # shown with -s
+          f"{max(m['vllm/logp_diff_mean'] for m in lines):.1e}, max {max(m['vllm/logp_diff_max'] for m in lines):.1e}")
     return lines
 
 

@@ -107,7 +107,7 @@ def vllm_memory(gpu_memory_utilization=None, gpu_default=0.9):
 def vllm_requests(tokenizer, requests):
     """Our requests -> vLLM prompts: chat-template token ids with ONE image placeholder, and the image.
 
-    vLLM's Qwen2.5-VL processor expands the single <|image_pad|> to the image's token count itself,
+    vLLM's Qwen2.5-VL and Qwen3-VL processors expand the single <|image_pad|> to the image's token count,
     so unlike encode_example we must not expand it here. Token ids (not text) so that a template
     that already holds a BOS token does not get a second one.
     """

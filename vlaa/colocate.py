@@ -24,9 +24,11 @@ from vlaa.qwen import resolve_dtype
 
 
 def vllm_weight_name(name):
-    """HF parameter name -> the name vLLM's Qwen2.5-VL loader expects. transformers v5 names
-    (model.language_model.*, model.visual.*, lm_head.*) pass through: vLLM maps them itself; only the
-    wrappers' prefixes go (activation checkpointing, torch.compile, FSDP1)."""
+    """HF parameter name -> the name vLLM's loader expects, for Qwen2.5-VL and Qwen3-VL alike. transformers
+    v5 names (model.language_model.*, model.visual.*, lm_head.*) pass through: each vLLM model maps them
+    itself (its hf_to_vllm_mapper; Qwen3-VL's DeepStack mergers, model.visual.deepstack_merger_list.*, too),
+    as it does for a checkpoint on disk; only the wrappers' prefixes go (activation checkpointing,
+    torch.compile, FSDP1)."""
     for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module."):
         name = name.replace(wrapper, "")
     return name

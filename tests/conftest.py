@@ -1,6 +1,7 @@
-"""Shared fixtures: the tiny random Qwen2.5-VL and Qwen3-VL are built once per test session (about a second).
+"""Shared fixtures: the tiny random Qwen2.5-VL, Qwen3-VL and Qwen3.5 are built once per test session (about a second).
 
-`tiny_model_dir` / `tiny` are the Qwen2.5-VL toy; `tiny_qwen3_dir` / `tiny_qwen3` the Qwen3-VL one;
+`tiny_model_dir` / `tiny` are the Qwen2.5-VL toy; `tiny_qwen3_dir` / `tiny_qwen3` the Qwen3-VL one, `tiny_qwen35_dir`
+/ `tiny_qwen35` the Qwen3.5 one;
 `each_model_dir` / `each_tiny` run a test once per family."""
 
 import os
@@ -48,7 +49,24 @@ def tiny_qwen3(tiny_qwen3_dir):
     return model.eval(), tok, ip
 
 
-FAMILY_FIXTURES = {"qwen2.5-vl": ("tiny_model_dir", "tiny"), "qwen3-vl": ("tiny_qwen3_dir", "tiny_qwen3")}
+@pytest.fixture(scope="session")
+def tiny_qwen35_dir(tmp_path_factory):
+    import toy
+
+    return toy.build_model(str(tmp_path_factory.mktemp("tiny35")), "tiny", family="qwen3.5")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen35(tiny_qwen35_dir):
+    """The Qwen3.5 toy (hybrid: gated delta-net and full attention layers), fp32 on CPU; not to be trained."""
+    from vlaa import qwen
+
+    model, tok, ip = qwen.load_model(tiny_qwen35_dir, "float32", "cpu")
+    return model.eval(), tok, ip
+
+
+FAMILY_FIXTURES = {"qwen2.5-vl": ("tiny_model_dir", "tiny"), "qwen3-vl": ("tiny_qwen3_dir", "tiny_qwen3"),
+                   "qwen3.5": ("tiny_qwen35_dir", "tiny_qwen35")}
 
 
 @pytest.fixture(params=list(FAMILY_FIXTURES))

@@ -16,6 +16,7 @@ never sits in memory at once. Backends:
 import torch
 
 from vlaa.images import load_image
+from vlaa.jsonl import InputError
 from vlaa.qwen import (
     SYSTEM_PROMPT,
     build_messages,
@@ -104,6 +105,22 @@ def vllm_memory(gpu_memory_utilization=None, gpu_default=0.9):
     return {"gpu_memory_utilization": gpu_default}
 
 
+def check_vllm_cpu(model, config, dtype):
+    """Refuse, before an engine starts, a model that vLLM's CPU build cannot run at `dtype`: its kernel for gated
+    delta-net (linear attention) layers, 3 of every 4 of Qwen3.5's, takes bf16 only and heads 64 or 128 wide
+    (vllm/model_executor/layers/mamba/ops/cpu/gdn_attention.py, "CPU GDN attention requires BF16."; C++:
+    "Unexpected head dim size"). It fails at the first prompt, with a traceback. GPU builds have other kernels."""
+    text = getattr(config, "text_config", config)
+    if torch.cuda.is_available() or "linear_attention" not in (getattr(text, "layer_types", None) or []):
+        return
+    dtype = getattr(config, "dtype", None) if dtype in (None, "auto") else dtype  # "auto": the checkpoint's
+    heads = {text.linear_key_head_dim, text.linear_value_head_dim}
+    if str(dtype).removeprefix("torch.") != "bfloat16" or not heads <= {64, 128}:
+        raise InputError(f"{model}: vLLM's CPU build runs gated delta-net (linear attention) layers in bfloat16 "
+                         f"with 64- or 128-wide heads only, not {str(dtype).removeprefix('torch.')} with "
+                         f"{sorted(heads)}: on a CPU, generate with transformers (--backend hf, --rollout hf)")
+
+
 def vllm_requests(tokenizer, requests):
     """Our requests -> vLLM prompts: chat-template token ids with ONE image placeholder, and the image.
 
@@ -142,6 +159,7 @@ def vllm_backend(model, tensor_parallel_size=1, max_model_len=None, gpu_memory_u
 
     tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    check_vllm_cpu(model, config, dtype)
     multimodal = getattr(config, "vision_config", None) is not None  # text-only models refuse image options
     if multimodal:
         engine_kwargs["limit_mm_per_prompt"] = limit_mm_per_prompt or {"image": 1, "video": 0}

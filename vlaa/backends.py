@@ -155,11 +155,11 @@ def vllm_backend(model, tensor_parallel_size=1, max_model_len=None, gpu_memory_u
     """An offline vllm.LLM. One engine per process: tensor_parallel_size = the node's GPUs for a 72B
     model; for several nodes run `vllm serve` on each and use the openai backend instead."""
     from transformers import AutoConfig, AutoTokenizer
-    from vllm import LLM, SamplingParams
 
     tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     check_vllm_cpu(model, config, dtype)
+    from vllm import LLM, SamplingParams
     multimodal = getattr(config, "vision_config", None) is not None  # text-only models refuse image options
     if multimodal:
         engine_kwargs["limit_mm_per_prompt"] = limit_mm_per_prompt or {"image": 1, "video": 0}

@@ -64,11 +64,11 @@ def test_a_toy_image_is_sixteen_tokens_in_both_families(each_tiny, tmp_path):
     got = token_colours(ip, image)
     nearest = torch.cdist(got, torch.tensor(colours, dtype=torch.float)).argmin(1)
     assert nearest.tolist() == list(range(16))  # token k shows cell k and no other
-    for size, n in ((112, 16), (56, 4)):
-        solid_image(size).save(tmp_path / f"{size}.png")
-        ex = qwen.encode_example(tok, ip, "q", solid_image(size))
-        n_tokens = int((ex["input_ids"] == tok.image_token_id).sum())
-        assert n_tokens == qwen.image_token_count(ip, tmp_path / f"{size}.png") == n
+    for (w, h), n in (((112, 112), 16), ((56, 56), 4), ((300, 90), None), ((90, 300), None), ((200, 84), None)):
+        Image.new("RGB", (w, h), (200, 30, 30)).save(tmp_path / "im.png")
+        ex = qwen.encode_example(tok, ip, "q", Image.open(tmp_path / "im.png"))
+        n_tokens = int((ex["input_ids"] == tok.image_token_id).sum())  # the processor's count, from the pixels
+        assert n_tokens == qwen.image_token_count(ip, tmp_path / "im.png") == (n or n_tokens)  # from the header
     assert ip.patch_size == {"Qwen2_5_VLConfig": 14, "Qwen3VLConfig": 16,
                              "Qwen3_5Config": 16}[type(each_tiny[0].config).__name__]
 

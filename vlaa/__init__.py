@@ -10,7 +10,8 @@
     benchmarks   06_eval.py's per-benchmark rules, VLMEvalKit's and the official repositories'
     judge_prompts  06_eval.py's LLM judge prompts: VLMEvalKit's read from its source, the project's, the paper's
     judge        06_eval.py's judge: when it is asked, how its reply is read (as VLMEvalKit), replies kept
-    qwen         the Qwen2.5-VL layer: system prompt, encoding, batching, loading, sampling
+    qwen         the Qwen-VL layer (2.5 and 3): system prompt, encoding, batching, loading, sampling
+    vision       cached vision features (DeepStack included) that 05 reuses across a group's completions
     backends     generation for the data stages and eval: hf, toy, vllm (openai in openai_client)
     datastage    the loop and flags the data stages share
     flags        every stage's command line: numeric flag ranges, refused combinations, one-line errors

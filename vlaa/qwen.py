@@ -1,5 +1,7 @@
-"""The Qwen2.5-VL layer: the system prompt, turning (question, image) into model inputs, batching,
-loading a checkpoint, and sampling with exactly the distribution GRPO's loss scores.
+"""The Qwen-VL layer: the system prompt, turning (question, image) into model inputs, batching,
+loading a checkpoint, and sampling with exactly the distribution GRPO's loss scores. Qwen2.5-VL and Qwen3-VL
+alike: what differs is read from the checkpoint (patch size from its image processor, M-RoPE positions from
+its model's get_rope_index, the chat template from its tokenizer); cached vision features: vlaa/vision.py.
 
 Used by 04_sft.py and 05_grpo.py (encoding, batching, sampling), by vlaa.backends (the hf backend)
 and by 06_eval.py. Qwen2.5-VL's processor class needs torchvision; we only need its image path, which is
@@ -191,7 +193,7 @@ def resolve_dtype(dtype, device):
 
 
 def load_model(path, dtype="auto", device="cpu", min_pixels=None, max_pixels=None, trust_remote_code=False):
-    """Load a Qwen2.5-VL (local folder or hub id) -> (model, tokenizer, image_processor).
+    """Load a Qwen2.5-VL or Qwen3-VL (local folder or hub id) -> (model, tokenizer, image_processor).
 
     min/max_pixels bound the image size the processor resizes to (the paper evaluated with
     max_pixels = 256*32*32); None keeps the checkpoint's setting.

@@ -111,14 +111,17 @@ def check_vllm_cpu(model, config, dtype):
     (vllm/model_executor/layers/mamba/ops/cpu/gdn_attention.py, "CPU GDN attention requires BF16."; C++:
     "Unexpected head dim size"). It fails at the first prompt, with a traceback. GPU builds have other kernels."""
     text = getattr(config, "text_config", config)
-    if torch.cuda.is_available() or "linear_attention" not in (getattr(text, "layer_types", None) or []):
+    if (torch.cuda.is_available() or "linear_attention" not in (getattr(text, "layer_types", None) or [])
+            or not hasattr(text, "linear_key_head_dim")):  # Qwen3-Next's and Qwen3.5's layout only
         return
-    dtype = getattr(config, "dtype", None) if dtype in (None, "auto") else dtype  # "auto": the checkpoint's
+    if dtype in (None, "auto"):  # vLLM's "auto": the checkpoint's dtype, fp32 when it names none
+        dtype = getattr(config, "dtype", None) or "float32"
+    dtype = str(dtype).removeprefix("torch.")
     heads = {text.linear_key_head_dim, text.linear_value_head_dim}
-    if str(dtype).removeprefix("torch.") != "bfloat16" or not heads <= {64, 128}:
+    if dtype != "bfloat16" or not heads <= {64, 128}:
         raise InputError(f"{model}: vLLM's CPU build runs gated delta-net (linear attention) layers in bfloat16 "
-                         f"with 64- or 128-wide heads only, not {str(dtype).removeprefix('torch.')} with "
-                         f"{sorted(heads)}: on a CPU, generate with transformers (--backend hf, --rollout hf)")
+                         f"with 64- or 128-wide heads only, not {dtype} with {sorted(heads)}: on a CPU, generate "
+                         "with transformers (--backend hf, --rollout hf)")
 
 
 def vllm_requests(tokenizer, requests):

@@ -1,6 +1,6 @@
-"""What fits where: the GPU memory of 04_sft.py and 05_grpo.py for Qwen2.5-VL-3B and -7B at the paper's
-settings, term by term, per GPU, on 1 and 8 GPUs; and a check of the two terms that depend on lengths and on
-the vocabulary (activations, log-probs) against measurements on this CPU.
+"""What fits where: the GPU memory of 04_sft.py and 05_grpo.py for Qwen2.5-VL-3B and -7B (and Qwen3-VL-4B and
+-8B) at the paper's settings, term by term, per GPU, on 1 and 8 GPUs; and a check of the two terms that depend
+on lengths and on the vocabulary (activations, log-probs) against measurements on this CPU.
 
     python bench/plan.py                # every term per GPU: 3B/7B x 04/05 x 1/8 GPUs, the README's commands
     python bench/plan.py --markdown     # the README's "what do I need" table
@@ -50,6 +50,21 @@ QWEN25_VL = {
     "7b": dict(vocab=152064, hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, tied=False),
 }
 VISION = dict(depth=32, hidden=1280, intermediate=3420, heads=16, patch=14, temporal=2, merge=2)
+# Qwen3-VL's shapes (Qwen/Qwen3-VL-4B- and -8B-Instruct's config.json): head_dim 128 apart from hidden/heads, no
+# q/k/v bias, RMSNorm on q and k; a vision tower with LayerNorms, a plain (not gated) MLP, biased patch embedding,
+# learned position embeddings and a DeepStack merger per DeepStack layer (vlaa/vision.py)
+QWEN3_VL = {
+    "q3-4b": dict(vocab=151936, hidden=2560, layers=36, heads=32, kv_heads=8, intermediate=9728, tied=True,
+                  head_dim=128, qkv_bias=False, qk_norm=True,
+                  vision=dict(depth=24, hidden=1024, intermediate=4096, heads=16, patch=16, temporal=2, merge=2,
+                              qwen3=True, positions=2304, deepstack=3)),
+    "q3-8b": dict(vocab=151936, hidden=4096, layers=36, heads=32, kv_heads=8, intermediate=12288, tied=False,
+                  head_dim=128, qkv_bias=False, qk_norm=True,
+                  vision=dict(depth=27, hidden=1152, intermediate=4304, heads=16, patch=16, temporal=2, merge=2,
+                              qwen3=True, positions=2304, deepstack=3)),
+}
+MODELS = {**QWEN25_VL, **QWEN3_VL}
+NAMES = {"3b": "3B", "7b": "7B", "q3-4b": "Qwen3-VL-4B", "q3-8b": "Qwen3-VL-8B"}
 
 # the paper's settings (docs/paper.md) and the micro-batches / flags of the README's commands
 SFT = dict(global_batch=128, seq=4096)  # 04: --max-length 4096, samples padded to the longest of a micro-batch
@@ -61,20 +76,29 @@ COMMANDS = [  # (stage, size, GPUs, card, micro-batch, activation checkpointing,
     ("grpo", "3b", 1, "H100", 2, True, True),
     ("grpo", "3b", 8, "H100", 4, True, False),
     ("grpo", "7b", 8, "H100", 4, True, False),
+    ("sft", "q3-4b", 8, "H100", 2, True, False),
+    ("sft", "q3-8b", 8, "H100", 2, True, False),
+    ("grpo", "q3-4b", 8, "H100", 4, True, False),
+    ("grpo", "q3-8b", 8, "H100", 4, True, False),
 ]
 
 
 def param_counts(m, vision=VISION):
     """(all, language model, vision tower) parameters from the shapes, counted as transformers builds them."""
-    h, i, v, d = m["hidden"], m["intermediate"], m["vocab"], m["hidden"] // m["heads"]
-    kv = m["kv_heads"] * d
-    layer = h * h + h + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h  # q, k, v with bias; o; MLP; 2 norms
+    h, i, v, d = m["hidden"], m["intermediate"], m["vocab"], m.get("head_dim", m["hidden"] // m["heads"])
+    q, kv, bias = m["heads"] * d, m["kv_heads"] * d, m.get("qkv_bias", True)
+    # q, k, v (with bias: Qwen2.5-VL); o; MLP; 2 norms; Qwen3-VL's q and k norms
+    layer = h * q + 2 * h * kv + (q + 2 * kv if bias else 0) + q * h + 3 * h * i + 2 * h \
+        + (2 * d if m.get("qk_norm") else 0)
     lm = v * h * (1 if m["tied"] else 2) + m["layers"] * layer + h
-    vh, vi = vision["hidden"], vision["intermediate"]
-    block = 2 * vh + 3 * vh * vh + 3 * vh + vh * vh + vh + 2 * (vh * vi + vi) + vi * vh + vh
+    vh, vi, qwen3 = vision["hidden"], vision["intermediate"], vision.get("qwen3", False)
+    norm = 2 if qwen3 else 1  # LayerNorm (weight, bias) or RMSNorm (weight) per element
+    mlp = vh * vi + vi + vi * vh + vh if qwen3 else 2 * (vh * vi + vi) + vi * vh + vh  # plain or gated
+    block = 2 * norm * vh + 3 * vh * vh + 3 * vh + vh * vh + vh + mlp
     merged = vh * vision["merge"] ** 2
-    vis = 3 * vision["temporal"] * vision["patch"] ** 2 * vh + vision["depth"] * block \
-        + vh + merged * merged + merged + merged * h + h  # patch embedding, blocks, merger (norm, 2 linears)
+    merger = merged * merged + merged + merged * h + h  # 2 linears; its norm: over vh, DeepStack's over `merged`
+    vis = 3 * vision["temporal"] * vision["patch"] ** 2 * vh + (vh + vision["positions"] * vh if qwen3 else 0) \
+        + vision["depth"] * block + norm * vh + merger + vision.get("deepstack", 0) * (norm * merged + merger)
     return lm + vis, lm, vis
 
 
@@ -90,9 +114,12 @@ def norm_bytes(h, r, c, consumers):
 def layer_bytes(m, r=4, c=2, masked=True):
     """Bytes one decoder layer keeps for the backward per token (SDPA's fused kernels keep q, k, v, the
     output and its log-sum-exp; with a padding mask transformers repeats k and v to every head first)."""
-    h, i, d = m["hidden"], m["intermediate"], m["hidden"] // m["heads"]
-    kv = h if masked else m["kv_heads"] * d
-    attention = 2 * d * r + c * (h + 2 * kv) + 2 * c * h + 4 * m["heads"]  # cos/sin; q k v; out + o_proj input
+    h, i, d = m["hidden"], m["intermediate"], m.get("head_dim", m["hidden"] // m["heads"])
+    q = m["heads"] * d
+    kv = q if masked else m["kv_heads"] * d
+    attention = 2 * d * r + c * (q + 2 * kv) + 2 * c * q + 4 * m["heads"]  # cos/sin; q k v; out + o_proj input
+    if m.get("qk_norm"):  # Qwen3: RMSNorm on q and k, per head: the projection's output, an fp32 copy, the product
+        attention += (c + 8) * (q + m["kv_heads"] * d)
     mlp = 4 * c * i  # gate, silu(gate), up, their product
     return norm_bytes(h, r, c, 3) + attention + norm_bytes(h, r, c, 2) + mlp
 
@@ -101,7 +128,7 @@ def activation_bytes(m, tokens, checkpointing, r=4, c=2, masked=True, backward=T
     """Per micro-batch of `tokens` tokens: every layer's saved tensors, or with checkpointing every layer's
     input (plus, in the backward, one layer recomputed); the final norm; the embeddings' output and M-RoPE's
     cos and sin, made once per forward."""
-    h, d = m["hidden"], m["hidden"] // m["heads"]
+    h, d = m["hidden"], m.get("head_dim", m["hidden"] // m["heads"])
     layers = m["layers"] * (r * h if checkpointing else layer_bytes(m, r, c, masked))
     recompute = layer_bytes(m, r, c, masked) if checkpointing and backward else 0
     return tokens * (layers + recompute + norm_bytes(h, r, c, 1) + r * h + 2 * d * r)
@@ -148,7 +175,7 @@ def plan(stage, size, gpus, micro, checkpointing, ref_offload=False, card="H100"
     (autocast, fp32 residual stream); several GPUs are FSDP2 with bf16 parameters (bf16 residual stream).
     size: "3b", "7b" or a shape dict; seq, new_tokens: a micro-batch's row length and completion length
     (default: the paper's); vllm=False: rollouts by transformers generate (no engine's share)."""
-    m = QWEN25_VL[size] if isinstance(size, str) else size
+    m = MODELS[size] if isinstance(size, str) else size
     total, lm, vis = param_counts(m, m.get("vision", VISION))
     trained = lm  # vision frozen
     h, v = m["hidden"], m["vocab"]
@@ -194,7 +221,7 @@ def hours(stage, size, gpus, mfu=0.3, peak_tflops=989.0, sft_tokens=700, gen_tok
     its 8 updates per rollout being off-policy) at `mfu` of the card's dense bf16 peak; 05's generation at
     `gen_tok_s` sampled tokens per second per GPU. Assumptions, not measurements: SFT-126K samples of
     `sft_tokens` tokens, completions of 300 tokens (the paper's curves show 150-300), 1 epoch / 49 steps."""
-    total, lm, _ = param_counts(QWEN25_VL[size])
+    total, lm, _ = param_counts(MODELS[size], MODELS[size].get("vision", VISION))
     rate = mfu * peak_tflops * 1e12 * gpus
     if stage == "sft":
         return 126_000 * sft_tokens * 8 * lm / rate / 3600
@@ -215,7 +242,7 @@ def table(markdown=False):
         word = "fits" if p["peak"] <= 0.9 * CARDS[card] else "tight on" if p["fits"] else "does not fit"
         verdict = f"{p['peak']:.0f} GiB: {word} {card} ({CARDS[card]:.0f})"
         time = f"~{hours(stage, size, gpus):.1f} h" if p["fits"] else "-"
-        rows.append((size.upper(), "SFT (04)" if stage == "sft" else "GRPO (05)", gpus, flags, verdict, time))
+        rows.append((NAMES[size], "SFT (04)" if stage == "sft" else "GRPO (05)", gpus, flags, verdict, time))
     if markdown:
         print("| model | stage | GPUs | flags | peak per GPU (estimated) | time (estimated) |")
         print("|---|---|---|---|---|---|")
@@ -223,7 +250,7 @@ def table(markdown=False):
             print("| " + " | ".join(map(str, r)) + " |")
     else:
         for r in rows:
-            print(f"{r[0]:3s} {r[1]:9s} {r[2]} GPU  {r[3]:55s} {r[4]:30s} {r[5]}")
+            print(f"{r[0]:11s} {r[1]:9s} {r[2]} GPU  {r[3]:55s} {r[4]:30s} {r[5]}")
 
 
 def show_terms():

@@ -29,6 +29,39 @@ def test_param_counts_match_transformers(size, total):
     assert sum(p.numel() for p in model.parameters()) == total
 
 
+def qwen3_vl_config(m):
+    """A Qwen3-VL config with bench/plan.py's shapes (Qwen/Qwen3-VL-4B- and -8B-Instruct's config.json)."""
+    from transformers import Qwen3VLConfig
+
+    v = m["vision"]
+    return Qwen3VLConfig(
+        text_config=dict(vocab_size=m["vocab"], hidden_size=m["hidden"], intermediate_size=m["intermediate"],
+                         num_hidden_layers=m["layers"], num_attention_heads=m["heads"],
+                         num_key_value_heads=m["kv_heads"], head_dim=m["head_dim"], tie_word_embeddings=m["tied"],
+                         rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                                          "mrope_interleaved": True}),
+        vision_config=dict(depth=v["depth"], hidden_size=v["hidden"], intermediate_size=v["intermediate"],
+                           num_heads=v["heads"], patch_size=v["patch"], temporal_patch_size=v["temporal"],
+                           spatial_merge_size=v["merge"], out_hidden_size=m["hidden"],
+                           num_position_embeddings=v["positions"],
+                           deepstack_visual_indexes=[5, 11, 17][:v["deepstack"]]),
+        tie_word_embeddings=m["tied"])
+
+
+@pytest.mark.parametrize("size", ["q3-4b", "q3-8b"])
+def test_qwen3_vl_param_counts_match_transformers(size):
+    """Qwen3-VL's terms (head_dim 128, no q/k/v bias, q/k norms; LayerNorm vision blocks with a plain MLP,
+    position embeddings, DeepStack mergers) against transformers' own model of the same shapes."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(qwen3_vl_config(plan.QWEN3_VL[size]))
+    total = sum(p.numel() for p in model.parameters())
+    vision = sum(p.numel() for p in model.model.visual.parameters())
+    print(f"{size}: {total:,} parameters, vision {vision:,}")
+    assert plan.param_counts(plan.QWEN3_VL[size], plan.QWEN3_VL[size]["vision"]) == (total, total - vision, vision)
+
+
 def test_live_bytes_by_hand():
     before = torch.ones(500)  # made before: neither it nor its views count
     tracker = plan.live_bytes_tracker()

@@ -4,7 +4,7 @@ No model or data set can be downloaded on a CPU box or in CI, yet every stage of
 (and learn) there. This file stands in for the hub:
 
     python toy.py build-model runs/tiny [--size tiny|small]     # random Qwen2.5-VL, saved like a real one
-    python toy.py build-model runs/tiny3 --family qwen3-vl      # random Qwen3-VL (toy_model.py builds both)
+    python toy.py build-model runs/tiny3 --family qwen3-vl      # random Qwen3-VL (or qwen3.5; toy_model.py builds them)
     python toy.py make-data runs/data --n 2000 --seed 0         # images/, train.jsonl, test.jsonl
     python toy.py make-data runs/direct --responses   # + each question's direct answer: demo.py's base learns on it
 
@@ -575,7 +575,7 @@ def main(argv=None):
     from vlaa.flags import nonneg_int, parse, positive_int
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build-model", help="write a random Qwen2.5-VL or Qwen3-VL (tokenizer, image processor)")
+    b = sub.add_parser("build-model", help="write a random Qwen2.5-VL, Qwen3-VL or Qwen3.5 (and its tokenizer)")
     b.add_argument("out", help="output folder")
     b.add_argument("--size", choices=sorted(SIZES), default="tiny", help="tiny (~0.2M params) or small (~0.9M)")
     b.add_argument("--seed", type=nonneg_int, default=0, help="weight init seed")

@@ -1,10 +1,11 @@
-"""The tiny random models of the offline world: Qwen2.5-VL (the default) and Qwen3-VL, saved like real ones.
+"""The tiny random models of the offline world: Qwen2.5-VL (the default), Qwen3-VL and Qwen3.5, saved like real ones.
 
 toy.py's `build-model` command calls this (toy.py re-exports `build_model`, which tests, demo.py and bench/
 call as `toy.build_model`):
 
     python toy.py build-model runs/tiny [--size tiny|small]                 # random Qwen2.5-VL
     python toy.py build-model runs/tiny3 --family qwen3-vl                 # random Qwen3-VL
+    python toy.py build-model runs/tiny35 --family qwen3.5                 # random Qwen3.5 (hybrid attention)
 
 The folder holds what `from_pretrained` expects of a real checkpoint (config, safetensors, a byte-level BPE
 tokenizer with Qwen's special tokens and the family's chat template, the family's image processor), so every
@@ -32,14 +33,14 @@ SIZES = {
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, vision_hidden=32, vision_depth=2),
     "small": dict(hidden=128, layers=4, heads=4, kv_heads=2, vision_hidden=64, vision_depth=2),
 }
-FAMILIES = ("qwen2.5-vl", "qwen3-vl")
+FAMILIES = ("qwen2.5-vl", "qwen3-vl", "qwen3.5")
 VOCAB_SIZE = 1024  # BPE stops early when the corpus runs out of merges
 # Image budgets: 4..16 merged image tokens, so sequences stay short on a CPU. Qwen2.5-VL's token covers
 # 28x28 px: a 112 px toy image is 4x4 tokens, one toy-world cell (toy.CELL = 28) per token. Qwen3-VL's covers
 # 32x32 px: its processor rounds 112 px to the nearest multiple of 32, 128 px (smart_resize), a uniform 32/28
 # upscale, so the image is again 4x4 tokens and each 28 px cell still lands on exactly one token (measured:
 # tests/test_qwen.py::test_a_toy_image_is_sixteen_tokens_in_both_families). 56 px -> 64 px -> 2x2 tokens.
-PIXELS_PER_TOKEN = {"qwen2.5-vl": 28, "qwen3-vl": 32}
+PIXELS_PER_TOKEN = {"qwen2.5-vl": 28, "qwen3-vl": 32, "qwen3.5": 32}
 SPECIAL_TOKENS = [  # listed first, so their ids are fixed (0..6), Qwen's own names
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
     "<|video_pad|>",
@@ -161,20 +162,58 @@ def qwen3_vl(s, ids, vocab):
         tie_word_embeddings=True)
 
 
+def qwen3_5(s, ids, vocab):
+    """A Qwen3.5 config at sizes s (its vision tower is Qwen3-VL's without DeepStack, its language model
+    Qwen3-Next's): 3 of every 4 layers gated delta-net linear attention (the last layer full attention), full
+    attention with an output gate and partial rotary, laid out like Qwen/Qwen3.5-9B's config.json. The delta-net
+    heads are 64 wide (the real: 128), the narrowest vLLM's CPU kernel takes (docs/qwen3.5.md)."""
+    from transformers import Qwen3_5Config
+
+    h, head_dim = s["hidden"], s["hidden"] // s["heads"]
+    pairs = head_dim // 4  # rotary pairs: half the head is rotated (the real: a quarter of 256, [11, 11, 10])
+    every = min(4, s["layers"])
+    return Qwen3_5Config(
+        text_config=dict(
+            vocab_size=vocab, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=s["layers"],
+            layer_types=["full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(s["layers"])],
+            num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], head_dim=head_dim,
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                             "mrope_section": [pairs - 2 * (pairs // 4), pairs // 4, pairs // 4],
+                             "mrope_interleaved": True},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=True),
+        vision_config=dict(
+            depth=s["vision_depth"], hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
+            num_heads=2, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=h,
+            num_position_embeddings=256),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+
+
 def build_model(out, size="tiny", seed=0, family="qwen2.5-vl"):
-    """Write a random Qwen2.5-VL or Qwen3-VL to `out`; returns the folder. No download, about a second."""
+    """Write a random Qwen2.5-VL, Qwen3-VL or Qwen3.5 to `out`; returns the folder. No download, about a second."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+    from transformers import (
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen3_5ForConditionalGeneration,
+        Qwen3VLForConditionalGeneration,
+    )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}: one of {', '.join(FAMILIES)}")
-    qwen3 = family == "qwen3-vl"
+    qwen3 = family != "qwen2.5-vl"  # Qwen3.5 takes Qwen3-VL's processor and chat template
     tokenizer = build_tokenizer(tokenizer_corpus(), QWEN3_VL_CHAT_TEMPLATE if qwen3 else CHAT_TEMPLATE)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = (qwen3_vl if qwen3 else qwen25_vl)(SIZES[size], ids, len(tokenizer))
+    make_config, model_class = {"qwen2.5-vl": (qwen25_vl, Qwen2_5_VLForConditionalGeneration),
+                                "qwen3-vl": (qwen3_vl, Qwen3VLForConditionalGeneration),
+                                "qwen3.5": (qwen3_5, Qwen3_5ForConditionalGeneration)}[family]
+    config = make_config(SIZES[size], ids, len(tokenizer))
     torch.manual_seed(seed)
-    model = (Qwen3VLForConditionalGeneration if qwen3 else Qwen2_5_VLForConditionalGeneration)(config)
+    model = model_class(config)
     model.generation_config.update(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], do_sample=False)
     px = PIXELS_PER_TOKEN[family]
     # Qwen3-VL's real processor is Qwen2-VL's with 16 px patches and mean = std = 0.5 (preprocessor_config.json)

@@ -14,6 +14,7 @@ import time
 import types
 
 import pytest
+import torch
 from conftest import solid_image
 from fake_openai import dead_url, openai
 
@@ -252,6 +253,29 @@ def test_vllm_requests_hold_one_image_placeholder_and_the_image(tiny):
     assert "multi_modal_data" not in text_only
     assert tok.decode(text_only["prompt_token_ids"]).endswith(
         "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_vllm_on_a_cpu_refuses_gated_delta_net_models_it_cannot_run(tiny_qwen35_dir, tiny_model_dir, monkeypatch):
+    """vLLM's CPU build runs Qwen3.5's gated delta-net layers in bf16 with 64- or 128-wide heads only; in fp32
+    (the toy's, and 05's engine on a CPU) it fails at the first prompt with a traceback (docs/qwen3.5.md). The
+    vllm backend and 05's colocated engine refuse first, naming the model, before vLLM is even imported."""
+    from transformers import AutoConfig
+
+    from vlaa import colocate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # importing vLLM would fail: the refusal must come first
+    why = rf"{tiny_qwen35_dir}: vLLM's CPU build runs gated delta-net .* not float32 with \[64\]: on a CPU, generate"
+    with pytest.raises(jsonl.InputError, match=why):
+        backends.make_backend("vllm", tiny_qwen35_dir)
+    with pytest.raises(jsonl.InputError, match=why):
+        colocate.make_vllm_engine(types.SimpleNamespace(model=tiny_qwen35_dir), rank=0)
+    config = AutoConfig.from_pretrained(tiny_qwen35_dir)
+    backends.check_vllm_cpu("m", config, "bfloat16")  # what the CPU build runs (measured, docs/qwen3.5.md)
+    config.text_config.linear_key_head_dim = 32
+    with pytest.raises(jsonl.InputError, match=r"not bfloat16 with \[32, 64\]"):
+        backends.check_vllm_cpu("m", config, "bfloat16")
+    backends.check_vllm_cpu("m", AutoConfig.from_pretrained(tiny_model_dir), "float32")  # no linear attention
 
 
 def test_vllm_backend_builds_one_engine_and_blocks_vision_tokens(tiny, tiny_model_dir, monkeypatch):

@@ -323,8 +323,8 @@ def format_only_sft(model_dir, data_path, out, steps):
 
 
 @pytest.mark.slow
-def test_grpo_learns_the_colour_question_from_a_format_only_start(tmp_path, each_model_dir, colour_data):
-    start = format_only_sft(each_model_dir, colour_data, tmp_path / "sft", steps=100)
+def test_grpo_learns_the_colour_question_from_a_format_only_start(tmp_path, each_learning_model_dir, colour_data):
+    start = format_only_sft(each_learning_model_dir, colour_data, tmp_path / "sft", steps=100)
     out = tmp_path / "grpo"
     args = grpo_args(start, colour_data, out, "--max-steps", 150, "--kl-coef", 0)
     args[args.index("--rollout-batch") + 1] = "8"

@@ -69,7 +69,8 @@ def test_a_toy_image_is_sixteen_tokens_in_both_families(each_tiny, tmp_path):
         ex = qwen.encode_example(tok, ip, "q", Image.open(tmp_path / "im.png"))
         n_tokens = int((ex["input_ids"] == tok.image_token_id).sum())  # the processor's count, from the pixels
         assert n_tokens == qwen.image_token_count(ip, tmp_path / "im.png") == (n or n_tokens)  # from the header
-    assert ip.patch_size == {"Qwen2_5_VLConfig": 14, "Qwen3VLConfig": 16}[type(each_tiny[0].config).__name__]
+    assert ip.patch_size == {"Qwen2_5_VLConfig": 14, "Qwen3VLConfig": 16,
+                             "Qwen3_5Config": 16}[type(each_tiny[0].config).__name__]
 
 
 def test_qwen3_vl_template_has_no_default_system_turn(tiny_qwen3, tiny):

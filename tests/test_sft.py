@@ -167,7 +167,7 @@ def toy_accuracy(model_dir, test, max_new_tokens=48):
 
 
 @pytest.mark.slow
-def test_sft_on_teacher_traces_learns_the_learnable_kinds(tmp_path, each_model_dir):
+def test_sft_on_teacher_traces_learns_the_learnable_kinds(tmp_path, each_learning_model_dir):
     import toy
 
     caption, distill, verify = (importlib.import_module(m) for m in ("01_caption", "02_distill", "03_rewrite_verify"))
@@ -179,8 +179,8 @@ def test_sft_on_teacher_traces_learns_the_learnable_kinds(tmp_path, each_model_d
                   "--model", "reasoner:error_rate=0,hesitation_rate=0"])
     verify.main(["--in", str(tmp_path / "dist.jsonl"), "--out", str(tmp_path / "final")])
     test = records.load_records(str(data / "test.jsonl"))
-    before = toy_accuracy(each_model_dir, test)
-    sft.main(["--model", each_model_dir, "--data", str(tmp_path / "final" / "sft.jsonl"), "--out",
+    before = toy_accuracy(each_learning_model_dir, test)
+    sft.main(["--model", each_learning_model_dir, "--data", str(tmp_path / "final" / "sft.jsonl"), "--out",
               str(tmp_path / "sft"), "--global-batch", "32", "--micro-batch", "32", "--lr", "2e-3", "--min-lr", "2e-3",
               "--warmup-ratio", "0", "--max-steps", "500", "--save-every", "100000"])
     after = toy_accuracy(str(tmp_path / "sft" / "model"), test)

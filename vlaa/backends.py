@@ -16,6 +16,7 @@ never sits in memory at once. Backends:
 import torch
 
 from vlaa.images import load_image
+from vlaa.jsonl import InputError
 from vlaa.qwen import (
     SYSTEM_PROMPT,
     build_messages,
@@ -104,6 +105,25 @@ def vllm_memory(gpu_memory_utilization=None, gpu_default=0.9):
     return {"gpu_memory_utilization": gpu_default}
 
 
+def check_vllm_cpu(model, config, dtype):
+    """Refuse, before an engine starts, a model that vLLM's CPU build cannot run at `dtype`: its kernel for gated
+    delta-net (linear attention) layers, 3 of every 4 of Qwen3.5's, takes bf16 only and heads 64 or 128 wide
+    (vllm/model_executor/layers/mamba/ops/cpu/gdn_attention.py, "CPU GDN attention requires BF16."; C++:
+    "Unexpected head dim size"). It fails at the first prompt, with a traceback. GPU builds have other kernels."""
+    text = getattr(config, "text_config", config)
+    if (torch.cuda.is_available() or "linear_attention" not in (getattr(text, "layer_types", None) or [])
+            or not hasattr(text, "linear_key_head_dim")):  # Qwen3-Next's and Qwen3.5's layout only
+        return
+    if dtype in (None, "auto"):  # vLLM's "auto": the checkpoint's dtype, fp32 when it names none
+        dtype = getattr(config, "dtype", None) or "float32"
+    dtype = str(dtype).removeprefix("torch.")
+    heads = {text.linear_key_head_dim, text.linear_value_head_dim}
+    if dtype != "bfloat16" or not heads <= {64, 128}:
+        raise InputError(f"{model}: vLLM's CPU build runs gated delta-net (linear attention) layers in bfloat16 "
+                         f"with 64- or 128-wide heads only, not {dtype} with {sorted(heads)}: on a CPU, generate "
+                         "with transformers (--backend hf, --rollout hf)")
+
+
 def vllm_requests(tokenizer, requests):
     """Our requests -> vLLM prompts: chat-template token ids with ONE image placeholder, and the image.
 
@@ -138,10 +158,11 @@ def vllm_backend(model, tensor_parallel_size=1, max_model_len=None, gpu_memory_u
     """An offline vllm.LLM. One engine per process: tensor_parallel_size = the node's GPUs for a 72B
     model; for several nodes run `vllm serve` on each and use the openai backend instead."""
     from transformers import AutoConfig, AutoTokenizer
-    from vllm import LLM, SamplingParams
 
     tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    check_vllm_cpu(model, config, dtype)
+    from vllm import LLM, SamplingParams
     multimodal = getattr(config, "vision_config", None) is not None  # text-only models refuse image options
     if multimodal:
         engine_kwargs["limit_mm_per_prompt"] = limit_mm_per_prompt or {"image": 1, "video": 0}

@@ -18,7 +18,7 @@ import socket
 
 import torch
 
-from vlaa.backends import vllm_memory, vllm_requests
+from vlaa.backends import check_vllm_cpu, vllm_memory, vllm_requests
 from vlaa.images import load_image
 from vlaa.qwen import resolve_dtype
 
@@ -57,6 +57,10 @@ def make_vllm_engine(args, rank):
     """One engine per rank, in this process, computing in the trainer's precision (bf16 on GPU, fp32 on
     CPU: the weight push copies the policy as it is). Built before the policy lands on the GPU: vLLM checks
     free memory at start. Under torchrun the process group must exist already (05 makes it first)."""
+    from transformers import AutoConfig
+
+    dtype = resolve_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu")
+    check_vllm_cpu(args.model, AutoConfig.from_pretrained(args.model), dtype)  # Qwen3.5 on a CPU: fp32 refused
     launcher_env()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in-process: weights reachable
     from vllm import LLM
@@ -66,7 +70,7 @@ def make_vllm_engine(args, rank):
     pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
     context = engine_context(args)
     llm = LLM(model=args.model, tensor_parallel_size=1, distributed_executor_backend="external_launcher",
-              dtype=resolve_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu"), seed=args.seed + rank,
+              dtype=dtype, seed=args.seed + rank,
               max_model_len=context, max_num_batched_tokens=max(8192, context), enable_sleep_mode=sleep,
               enable_prefix_caching=True, limit_mm_per_prompt={"image": 1, "video": 0}, mm_processor_cache_gb=0,
               mm_processor_kwargs=pixels or None,

@@ -58,7 +58,12 @@ def run(cmd, timeout=600):
     return r
 
 
-@pytest.fixture(scope="module", params=toy.FAMILIES)
+# every family vLLM's CPU build runs; Qwen3.5's gated delta-net layers it runs only in bf16 with a conv layout the
+# weight push cannot write (docs/qwen3.5.md), so on a CPU the project refuses it (tests/test_backends.py)
+VLLM_CPU_FAMILIES = [f for f in toy.FAMILIES if f != "qwen3.5"]
+
+
+@pytest.fixture(scope="module", params=VLLM_CPU_FAMILIES)
 def small_dir(request, tmp_path_factory):
     return toy.build_model(str(tmp_path_factory.mktemp("small")), "small", family=request.param)
 

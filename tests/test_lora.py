@@ -175,12 +175,13 @@ def test_sft_with_lora_resumes_exactly_and_other_lora_flags_are_another_run(tmp_
                                                   str(tmp_path / "halves"), "--max-steps", "8", "--resume"])
 
 
-def test_grpo_with_lora_under_torchrun_the_reference_is_the_start_model(tmp_path, tiny_model_dir, colour_data):
+def test_grpo_with_lora_under_torchrun_the_reference_is_the_start_model(tmp_path, format_start, colour_data):
     """Two ranks, FSDP2: the reference is the policy with its adapters off, so the KL is exactly 0 before the
     first update (B = 0) and above 0 after; the adapters are checkpointed, the merged export loads."""
-    args = grpo_args(tiny_model_dir, colour_data, tmp_path / "run", "--max-steps", 3, "--kl-coef", 0.01,
+    args = grpo_args(format_start, colour_data, tmp_path / "run", "--max-steps", 3, "--kl-coef", 0.01,
                      "--lora-rank", 4, "--lr", 2e-2)
     args[args.index("--rollout-batch") + 1] = "8"
+    args[args.index("--train-batch") + 1] = "32"  # one update a step: step 1's policy is still the start model
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "05_grpo.py", *args],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -191,8 +192,8 @@ def test_grpo_with_lora_under_torchrun_the_reference_is_the_start_model(tmp_path
     AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "model")
 
 
-def test_grpo_with_lora_resumes_exactly(tmp_path, tiny_model_dir, colour_data):
-    common = grpo_args(tiny_model_dir, colour_data, "OUT", "--kl-coef", 0.01, "--kl-target", 0.001, "--lora-rank", 4,
+def test_grpo_with_lora_resumes_exactly(tmp_path, format_start, colour_data):
+    common = grpo_args(format_start, colour_data, "OUT", "--kl-coef", 0.01, "--kl-target", 0.001, "--lora-rank", 4,
                        "--lr", 2e-2, "--min-lr", 2e-2)
 
     def run(out, *extra):
@@ -219,6 +220,12 @@ def colour_data(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("colour"))
     toy.make_data(out, n=256, test_n=32, seed=0, kinds="colour")
     return os.path.join(out, "train.jsonl")
+
+
+@pytest.fixture(scope="module")
+def format_start(tmp_path_factory, tiny_model_dir, colour_data):
+    """A start whose completions answer with random letters, so rewards (and advantages) vary within a group."""
+    return format_only_sft(tiny_model_dir, colour_data, tmp_path_factory.mktemp("format"), steps=100)
 
 
 # ---- learning on the toy (slow) -------------------------------------------------------------------

@@ -105,6 +105,9 @@ def add_adapters(model, rank, alpha, dropout, targets, base, seed=0):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    for n, p in model.named_parameters():  # peft makes them in the base's dtype: fp32 masters for AdamW
+        if is_adapter(n):
+            p.data = p.data.float()
     return model
 
 

@@ -92,7 +92,9 @@ def load_trainable(path, device, world, lr, weight_decay=0.0, train_vision=False
     from vlaa import lora as adapters
     from vlaa.qwen import load_model
 
-    model, tokenizer, image_processor = load_model(path, "float32", device, min_pixels, max_pixels)
+    # with LoRA on a GPU the frozen base is bf16 (no optimizer steps it; TRL, EasyR1), the adapters fp32
+    dtype = "bfloat16" if lora and device.type == "cuda" else "float32"
+    model, tokenizer, image_processor = load_model(path, dtype, device, min_pixels, max_pixels)
     freeze_vision_tower(model, not train_vision)
     if lora:
         adapters.add_adapters(model, **lora)

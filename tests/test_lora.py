@@ -69,10 +69,12 @@ def test_lora_flags_are_checked_before_any_model_loads(tmp_path, capsys, stage, 
     assert not (tmp_path / "o").exists()
 
 
-def test_unknown_targets_name_the_language_models_layers(tiny_model_dir):
-    with pytest.raises(SystemExit, match=r"--lora-targets qkv: no linear layer .*\(it has: down_proj, gate_proj, "
-                                         r"k_proj, o_proj, q_proj, up_proj, v_proj\)"):
-        lora_trainer(tiny_model_dir, targets="qkv")  # the vision tower's attention is `qkv`: never adapted
+@pytest.mark.parametrize("targets, unknown", [("qkv", "qkv"), ("q_proj,lm_head,proj", "lm_head,proj")])
+def test_unknown_targets_name_the_language_models_layers(tiny_model_dir, targets, unknown):
+    # `qkv` and `proj` are the vision tower's attention layers (never adapted), lm_head is outside the body
+    with pytest.raises(SystemExit, match=rf"--lora-targets {unknown}: no linear layer .*\(it has: down_proj, "
+                                         r"gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj\)"):
+        lora_trainer(tiny_model_dir, targets=targets)
 
 
 # ---- adapters: where, what trains -----------------------------------------------------------------

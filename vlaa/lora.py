@@ -81,15 +81,15 @@ def settings(args):
 
 def target_names(model, targets):
     """Full names of the nn.Linear layers under model.model.language_model whose own name is in `targets`.
-    An empty result is an error naming what the language model's linear layers are called."""
+    A target that names none of them is an error naming what the language model's linear layers are called."""
     root = "model.language_model"
     linears = [(n, n.rpartition(".")[2]) for n, m in model.get_submodule(root).named_modules()
                if isinstance(m, torch.nn.Linear)]
-    names = [f"{root}.{n}" for n, leaf in linears if leaf in targets]
-    if not names:
-        raise SystemExit(f"--lora-targets {','.join(targets)}: no linear layer of the language model has these names "
+    unknown = sorted(set(targets) - {leaf for _, leaf in linears})
+    if unknown:
+        raise SystemExit(f"--lora-targets {','.join(unknown)}: no linear layer of the language model has this name "
                          f"(it has: {', '.join(sorted({leaf for _, leaf in linears}))})")
-    return names
+    return [f"{root}.{n}" for n, leaf in linears if leaf in targets]
 
 
 def add_adapters(model, rank, alpha, dropout, targets, base, seed=0):

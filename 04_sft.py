@@ -9,7 +9,8 @@ that you can measure it (05_grpo.py starts from its output).
     # CPU, tiny model (a minute)
     python 04_sft.py --model runs/tiny --data runs/data/final/sft.jsonl --out runs/sft \
         --global-batch 32 --micro-batch 32 --lr 2e-3 --max-steps 300
-    # one GPU, Qwen2.5-VL-3B on the released data (paper: global batch 128, vision frozen, ~1 epoch)
+    # one GPU, Qwen2.5-VL-3B on the released data (paper: global batch 128, vision frozen, ~1 epoch); on a
+    # 24 GB GPU add --lora-rank 64 --lr 1e-4 (adapters only, vlaa/lora.py; OUT/model is merged)
     python 04_sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data VLAA-Thinking-SFT-126K.json \
         --image-root /data/vlaa/images --out runs/sft-3b --micro-batch 1 --activation-checkpointing
     # 8 GPUs (FSDP2 + NCCL); several nodes: add torchrun's --nnodes/--node-rank/--rdzv-endpoint
@@ -31,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 import rewards
-from vlaa import flags, heldout, logprobs, qwen, runs, tracking, training
+from vlaa import flags, heldout, logprobs, lora, qwen, runs, tracking, training
 from vlaa.flags import nonneg_float, nonneg_int, positive_float, positive_int, probability
 from vlaa.qwen import SYSTEM_PROMPT, collate, prompt_encoder, to_device
 from vlaa.records import load_records
@@ -80,6 +81,7 @@ p.add_argument("--eval-every", type=nonneg_int, default=0,
 p.add_argument("--eval-max-new-tokens", type=positive_int, default=256, help="completion length for --eval-data")
 p.add_argument("--seed", type=nonneg_int, default=0, help="order of the training samples")
 tracking.add_report_to(p)
+lora.add_flags(p)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -141,7 +143,7 @@ def main(argv=None):
     # model: fp32 master weights; bf16 compute on GPU (autocast, or FSDP2's policy when sharded)
     model, tokenizer, image_processor, params, optimizer = training.load_trainable(
         args.model, device, world, args.lr, args.weight_decay, args.train_vision, args.activation_checkpointing,
-        args.min_pixels, args.max_pixels)
+        args.min_pixels, args.max_pixels, lora=lora.settings(args))  # --lora-rank: only adapters train
 
     # data
     system = None if args.no_system_prompt else SYSTEM_PROMPT
@@ -197,7 +199,7 @@ def main(argv=None):
 
     training.finish_training(args.out, total_steps, model, optimizer,
                              {"samples_seen": total_steps * args.global_batch, "warmup": warmup}, tokenizer,
-                             image_processor, env, run_id=run_id)
+                             image_processor, env, run_id=run_id, save_adapter=args.save_adapter)
     tracking.finish(tracker)
 
 

@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 import rewards
-from vlaa import colocate, flags, heldout, logprobs, qwen, runs, tracking, training, vision
+from vlaa import colocate, flags, heldout, logprobs, lora, qwen, runs, tracking, training, vision
 from vlaa.flags import at_least, fraction, nonneg_float, nonneg_int, positive_float, positive_int, probability
 from vlaa.records import has_aha, load_records, normalize_verifier
 
@@ -127,6 +127,7 @@ p.add_argument("--eval-every", type=nonneg_int, default=0,
 p.add_argument("--eval-max-new-tokens", type=positive_int, default=None, help="(default: --max-new-tokens)")
 p.add_argument("--seed", type=nonneg_int, default=0, help="prompt order and sampling (rank r samples with seed + r)")
 tracking.add_report_to(p)
+lora.add_flags(p)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -385,9 +386,10 @@ def main(argv=None):
     llm = colocate.make_vllm_engine(args, rank) if args.rollout == "vllm" else None  # before the policy lands
     model, tokenizer, image_processor, params, optimizer = training.load_trainable(
         args.model, device, world, args.lr, args.weight_decay, args.train_vision, args.activation_checkpointing,
-        args.min_pixels, args.max_pixels, tuple(args.adam_betas))
+        args.min_pixels, args.max_pixels, tuple(args.adam_betas), lora.settings(args))
     use_ref = args.kl_coef > 0  # the reference: a frozen copy of the start model (in CPU memory with --ref-offload)
-    ref = training.load_frozen(args.model, device, world, args.ref_offload) if use_ref else None
+    ref = (model if args.lora_rank else training.load_frozen(args.model, device, world, args.ref_offload)) \
+        if use_ref else None  # --lora-rank: the policy with its adapters off (TRL's disable_adapter), no copy
     pad_id, vision_ids = tokenizer.pad_token_id, qwen.vision_token_ids(model.config)
     eos_ids = torch.tensor(model.generation_config.eos_token_id).flatten()  # one id or several
     rm = rewards.RewardModel.from_pretrained(args.reward_model, device=str(device), offload=True,
@@ -456,7 +458,7 @@ def main(argv=None):
                   for micro_rows in updates for rows in micro_rows}
         ref_logp = None
         if use_ref:  # with --ref-offload the reference visits the GPU only now (sharded, FSDP2 moves its shards)
-            with training.visiting(ref, device, args.ref_offload and world == 1):
+            with lora.disabled(ref) if ref is model else training.visiting(ref, device, args.ref_offload and world < 2):
                 ref_logp = frozen_logprobs(ref, inputs, comp, args.temperature, vision_ids, device)
         # the trainer's own log-probs before any update: needed when later updates see an older policy, and
         # to weigh the vLLM engine's samples by how far its sampling is from ours
@@ -523,7 +525,7 @@ def main(argv=None):
                                    {"kl_coef": kl_coef, "warmup": warmup}, env, run_id)
 
     training.finish_training(args.out, total_steps, model, optimizer, {"kl_coef": kl_coef, "warmup": warmup}, tokenizer,
-                                image_processor, env, run_id=run_id, close_group=llm is None)
+                             image_processor, env, run_id, close_group=llm is None, save_adapter=args.save_adapter)
     tracking.finish(tracker)
     if llm is not None:
         colocate.close_vllm_engine(llm)  # vLLM's teardown closes the process group too

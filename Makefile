@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: otherwise a dependency may resolve to a multi-GB CUDA build
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,plot,track]"
+	$(PY) -m pip install -q -e ".[dev,plot,track,lora]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -29,6 +29,10 @@ The terms, per GPU, in bytes (P: parameters; W: ranks; FSDP2 shards weights, gra
               holds one chunk of CHUNK positions' logits, or in the backward the head's weight gradient;
               "full", the path before issue 22 (logits for every position plus fp32 copies), is kept as
               a comparison (`python bench/plan.py` prints both)
+With --lora-rank R (vlaa/lora.py) the base is frozen and bf16 (2 P / W), only the adapters train (P_trained:
+R x (in + out) per adapted linear, fp32), there is no reference copy (the policy with its adapters off), the
+residual stream is bf16 (r = 2) and each adapted linear keeps a bf16 copy of its input for the adapter's
+backward (lora_bytes); the head is frozen, so the chunked log-prob path has no weight gradient.
 A step's peak is the largest of its phases: 05 samples (resident + vLLM's share), and updates (resident +
 compute + grads + activations + log-probs + vLLM asleep); 04 only updates. Resident = weights + adam (+ ref).
 """
@@ -38,8 +42,9 @@ import os
 import sys
 
 GIB = 2 ** 30
-CARDS = {"H100": 78.0, "H200": 139.0}  # usable GiB (80 GB and 141 GB cards, less the CUDA context)
-CARD_TOTAL = {"H100": 79.6, "H200": 139.8}  # what vLLM's gpu_memory_utilization is a share of (GiB)
+# usable GiB (80 GB, 141 GB and 24 GB cards (L4, A10, RTX 4090), less the CUDA context)
+CARDS = {"H100": 78.0, "H200": 139.0, "24GB": 21.8}
+CARD_TOTAL = {"H100": 79.6, "H200": 139.8, "24GB": 22.3}  # what vLLM's gpu_memory_utilization is a share of (GiB)
 VLLM_ASLEEP_GIB = 2.0  # estimated: CUDA graphs and allocator pools a sleeping engine keeps
 CHUNK = 128  # vlaa/logprobs.py's CHUNK, positions per head call (tests/test_plan.py: the same value)
 PROMPT_TOKENS = 640  # 05: system prompt ~110 + a 256*32*32-pixel image <= 336 + question; padded to the longest
@@ -81,6 +86,10 @@ COMMANDS = [  # (stage, size, GPUs, card, micro-batch, activation checkpointing,
     ("grpo", "q3-4b", 8, "H100", 4, True, False),
     ("grpo", "q3-8b", 8, "H100", 4, True, False),
 ]
+# LoRA (--lora-rank 64): (stage, size, GPUs, card, micro-batch, checkpointing, vLLM's share of the card or None)
+LORA_RANK = 64
+LORA_COMMANDS = [("sft", "3b", 1, "24GB", 1, True, None), ("grpo", "3b", 1, "24GB", 2, True, 0.5),
+                 ("grpo", "7b", 1, "H100", 4, True, 0.3), ("grpo", "q3-4b", 1, "24GB", 2, True, 0.5)]
 
 
 def param_counts(m, vision=VISION):
@@ -100,6 +109,19 @@ def param_counts(m, vision=VISION):
     vis = 3 * vision["temporal"] * vision["patch"] ** 2 * vh + (vh + vision["positions"] * vh if qwen3 else 0) \
         + vision["depth"] * block + norm * vh + merger + vision.get("deepstack", 0) * (norm * merged + merger)
     return lm + vis, lm, vis
+
+
+def lora_params(m, rank):
+    """Adapter parameters: rank x (in + out) for q, k, v, o, gate, up, down of every decoder layer."""
+    h, i, d = m["hidden"], m["intermediate"], m.get("head_dim", m["hidden"] // m["heads"])
+    q, kv = m["heads"] * d, m["kv_heads"] * d
+    return m["layers"] * rank * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h))
+
+
+def lora_bytes(m, rank, c=2):
+    """Per token and layer, what the adapters keep for their backward: each adapted linear's input cast to
+    the compute dtype for lora_A (six of width hidden, down_proj's of width intermediate) and A's output."""
+    return c * (6 * m["hidden"] + m["intermediate"] + 7 * rank) if rank else 0
 
 
 def norm_bytes(h, r, c, consumers):
@@ -124,17 +146,18 @@ def layer_bytes(m, r=4, c=2, masked=True):
     return norm_bytes(h, r, c, 3) + attention + norm_bytes(h, r, c, 2) + mlp
 
 
-def activation_bytes(m, tokens, checkpointing, r=4, c=2, masked=True, backward=True):
+def activation_bytes(m, tokens, checkpointing, r=4, c=2, masked=True, backward=True, lora=0):
     """Per micro-batch of `tokens` tokens: every layer's saved tensors, or with checkpointing every layer's
     input (plus, in the backward, one layer recomputed); the final norm; the embeddings' output and M-RoPE's
-    cos and sin, made once per forward."""
+    cos and sin, made once per forward. lora: the adapters' rank (their inputs are kept too)."""
     h, d = m["hidden"], m.get("head_dim", m["hidden"] // m["heads"])
-    layers = m["layers"] * (r * h if checkpointing else layer_bytes(m, r, c, masked))
-    recompute = layer_bytes(m, r, c, masked) if checkpointing and backward else 0
+    layer = layer_bytes(m, r, c, masked) + lora_bytes(m, lora, c)
+    layers = m["layers"] * (r * h if checkpointing else layer)
+    recompute = layer if checkpointing and backward else 0
     return tokens * (layers + recompute + norm_bytes(h, r, c, 1) + r * h + 2 * d * r)
 
 
-def logprob_bytes(stage, path, vocab, rows, seq, new_tokens=0, hidden=0, c=2, grad=True, r=4):
+def logprob_bytes(stage, path, vocab, rows, seq, new_tokens=0, hidden=0, c=2, grad=True, r=4, head_grad=True):
     """The log-prob path's peak for one micro-batch of `rows` rows of `seq` tokens (05: `new_tokens` of them
     completions; 04: the labelled tokens, all `seq` unless `new_tokens` says how many).
     The chunked path ("chunked", vlaa/logprobs.py chosen_logprobs, counted from its code): the hidden states
@@ -160,7 +183,7 @@ def logprob_bytes(stage, path, vocab, rows, seq, new_tokens=0, hidden=0, c=2, gr
         kept = rows * (new_tokens or seq)
         if not grad:
             return max(c + f, 2 * f) * CHUNK * vocab + r * kept * hidden
-        weight_grad = (c + (f if r == 4 else 0)) * vocab * hidden
+        weight_grad = (c + (f if r == 4 else 0)) * vocab * hidden if head_grad else 0  # LoRA: a frozen head
         return max(4 * f * CHUNK * vocab, weight_grad) + 2 * r * kept * hidden
     if stage == "sft":
         return rows * vocab * seq * max(c + 2 * f, 3 * f)
@@ -170,19 +193,21 @@ def logprob_bytes(stage, path, vocab, rows, seq, new_tokens=0, hidden=0, c=2, gr
 
 
 def plan(stage, size, gpus, micro, checkpointing, ref_offload=False, card="H100", logprob="chunked", seq=None,
-         new_tokens=None, vllm=True):
+         new_tokens=None, vllm=True, lora=0, vllm_share=None):
     """Every term per GPU in GiB, and the peak of each phase -> dict. Single-GPU runs are plain python
     (autocast, fp32 residual stream); several GPUs are FSDP2 with bf16 parameters (bf16 residual stream).
     size: "3b", "7b" or a shape dict; seq, new_tokens: a micro-batch's row length and completion length
-    (default: the paper's); vllm=False: rollouts by transformers generate (no engine's share)."""
+    (default: the paper's); vllm=False: rollouts by transformers generate (no engine's share); lora: the
+    adapters' rank (0: full fine-tuning); vllm_share: --vllm-gpu-memory (default: the paper run's 0.3)."""
     m = MODELS[size] if isinstance(size, str) else size
     total, lm, vis = param_counts(m, m.get("vision", VISION))
-    trained = lm  # vision frozen
+    trained = lora_params(m, lora) if lora else lm  # vision frozen
     h, v = m["hidden"], m["vocab"]
-    r = 4 if gpus == 1 else 2
-    out = {"weights": 4 * total / gpus, "grads": 4 * trained / gpus, "adam": 8 * trained / gpus}
+    r = 4 if gpus == 1 and not lora else 2
+    out = {"weights": (2 * total if lora else 4 * total) / gpus + (4 * trained / gpus if lora else 0),
+           "grads": 4 * trained / gpus, "adam": 8 * trained / gpus}
     if gpus == 1:
-        out["compute"] = 2 * (trained - (0 if m["tied"] else v * h))  # the input embedding is no matmul
+        out["compute"] = 2 * trained if lora else 2 * (trained - (0 if m["tied"] else v * h))  # embedding: no matmul
     else:  # the root unit (embedding, lm_head) gathered for the whole forward + backward, two layers at a time
         layer = (lm - v * h * (1 if m["tied"] else 2) - h) / m["layers"]
         out["compute"] = 2 * (v * h * (1 if m["tied"] else 2)) + 2 * 2 * layer
@@ -191,18 +216,18 @@ def plan(stage, size, gpus, micro, checkpointing, ref_offload=False, card="H100"
     else:
         new = new_tokens or GRPO["new_tokens"]
         seq = seq or PROMPT_TOKENS + new
-        out["ref"] = 0.0 if ref_offload else 2 * total / gpus
+        out["ref"] = 0.0 if ref_offload or lora else 2 * total / gpus
     tokens = micro * seq
-    out["activations"] = activation_bytes(m, tokens, checkpointing, r=r)
-    out["activations_no_ckpt"] = activation_bytes(m, tokens, False, r=r)
-    out["activations_ckpt"] = activation_bytes(m, tokens, True, r=r)
-    out["logprob"] = logprob_bytes(stage, logprob, v, micro, seq, new, h, r=r)
+    out["activations"] = activation_bytes(m, tokens, checkpointing, r=r, lora=lora)
+    out["activations_no_ckpt"] = activation_bytes(m, tokens, False, r=r, lora=lora)
+    out["activations_ckpt"] = activation_bytes(m, tokens, True, r=r, lora=lora)
+    out["logprob"] = logprob_bytes(stage, logprob, v, micro, seq, new, h, r=r, head_grad=not lora)
     out = {k: x / GIB for k, x in out.items()}
     resident = out["weights"] + out["adam"] + out.get("ref", 0.0)
     phases = {"update": resident + out["compute"] + out["grads"] + out["activations"] + out["logprob"]}
     if stage == "grpo":
         asleep = VLLM_ASLEEP_GIB if vllm else 0.0
-        out["vllm"] = GRPO["vllm_share"] * CARD_TOTAL[card] if vllm else 0.0
+        out["vllm"] = (vllm_share or GRPO["vllm_share"]) * CARD_TOTAL[card] if vllm else 0.0
         phases["update"] += asleep
         phases["rollout"] = resident + out["vllm"]
         if ref_offload and gpus == 1:  # the reference visits whole; no gradients exist then
@@ -243,6 +268,13 @@ def table(markdown=False):
         verdict = f"{p['peak']:.0f} GiB: {word} {card} ({CARDS[card]:.0f})"
         time = f"~{hours(stage, size, gpus):.1f} h" if p["fits"] else "-"
         rows.append((NAMES[size], "SFT (04)" if stage == "sft" else "GRPO (05)", gpus, flags, verdict, time))
+    for stage, size, gpus, card, micro, ckpt, share in LORA_COMMANDS:
+        p = plan(stage, size, gpus, micro, ckpt, card=card, lora=LORA_RANK, vllm_share=share)
+        flags = f"--lora-rank {LORA_RANK} --micro-batch {micro}" + (" --activation-checkpointing" if ckpt else "") \
+            + (f" --rollout vllm --vllm-gpu-memory {share}" if share else "")
+        word = "fits" if p["peak"] <= 0.9 * CARDS[card] else "tight on" if p["fits"] else "does not fit"
+        rows.append((NAMES[size], "SFT (04)" if stage == "sft" else "GRPO (05)", gpus, flags,
+                     f"{p['peak']:.0f} GiB: {word} {card} ({CARDS[card]:.0f})", "-"))
     if markdown:
         print("| model | stage | GPUs | flags | peak per GPU (estimated) | time (estimated) |")
         print("|---|---|---|---|---|---|")
@@ -267,6 +299,11 @@ def show_terms():
         c = plan(stage, size, gpus, micro, ckpt, offload, card, logprob="full")
         print(f"{'  full logits (before 22)':28s}{'':96s}{c['logprob']:12.1f}{c['peak']:8.1f}"
               + ("" if c["fits"] else "  DOES NOT FIT"))
+    for stage, size, gpus, card, micro, ckpt, share in LORA_COMMANDS:
+        p = plan(stage, size, gpus, micro, ckpt, card=card, lora=LORA_RANK, vllm_share=share)
+        name = f"{size} {stage} LoRA{LORA_RANK} {card} mb{micro}"
+        print(f"{name:28s}" + "".join(f"{p.get(k, 0.0):12.1f}" for k in keys) + f"{p['peak']:8.1f}"
+              + ("" if p["fits"] else "  DOES NOT FIT"))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from test_sft import colour_sft_data
 
 import toy
-from vlaa import checkpoints, training
+from vlaa import checkpoints, export, training
 
 sft = importlib.import_module("04_sft")
 grpo = importlib.import_module("05_grpo")
@@ -168,7 +168,7 @@ def test_save_and_export_refuse_a_nonfinite_tensor(tmp_path, tiny_model_dir, tin
     if where == "weight":
         _, tok, ip = tiny
         with pytest.raises(ValueError, match=f"not writing .*model: .* hold NaN or Inf \\({name}"):
-            checkpoints.export_hf(model, tok, ip, str(tmp_path / "model"))
+            export.export_hf(model, tok, ip, str(tmp_path / "model"))
         assert sorted(os.listdir(tmp_path)) == ["checkpoints"]
 
 
@@ -198,10 +198,10 @@ def test_resume_exports_a_finished_run_whose_export_is_missing_or_torn(tmp_path,
     data, out = (sft_data if stage == "04" else rl_data), tmp_path / "o"
     exported = finished(stage, tiny_model_dir, data, out)
     tear(how, out / "model")
-    assert not checkpoints.export_complete(str(out / "model"))
+    assert not export.export_complete(str(out / "model"))
     run(stage, tiny_model_dir, data, out, "--max-steps", 2, "--resume")
     assert "at step 2: training had ended" in capsys.readouterr().out
-    assert checkpoints.export_complete(str(out / "model"))
+    assert export.export_complete(str(out / "model"))
     again = load_file(str(out / "model" / "model.safetensors"))
     assert all(torch.equal(exported[k], again[k]) for k in exported)  # the same weights: the last checkpoint's
     assert steps_logged(out) == [1, 2]  # nothing retrained, nothing logged twice

@@ -164,6 +164,31 @@ class TestColocatedEngine:
             colocate.push_weights_to_vllm(llm, partial, skip_vision=False)
         colocate.push_weights_to_vllm(llm, model, skip_vision=False)  # whole again for the tests below
 
+    def test_a_lora_policy_is_pushed_merged_and_the_engine_decodes_like_it(self, colocated, mixed_data, small_dir):
+        """--lora-rank: the engine gets W + scale * B @ A under the base names (every engine weight written, or
+        the push refuses), and after each push decodes greedily like the policy with its adapters."""
+        from vlaa import lora, training
+
+        llm, args, (_, tok, ip) = colocated
+        records = load_records(mixed_data)[:4]
+        greedy = SimpleNamespace(**{**vars(args), "temperature": 0.0})
+        model = training.load_trainable(small_dir, torch.device("cpu"), 1, 1e-3, max_pixels=MAX_PIXELS, lora={
+            "rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": lora.TARGETS.split(","), "base": small_dir})[0]
+        vision, changed = qwen.vision_token_ids(model.config), []
+        for update in (1, 2):  # two adapter "updates": B from zero to random, then another random
+            gen = torch.Generator().manual_seed(update)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if ".lora_B." in n:
+                        p.copy_(torch.randn(p.shape, generator=gen))
+            colocate.push_weights_to_vllm(llm, model, skip_vision=True)
+            comp, mask, _ = colocate.rollout_vllm(llm, records, 1, greedy, tok, qwen.SYSTEM_PROMPT, vision)
+            hf_comp, hf_mask = hf_greedy((model, tok, ip), records, args.max_new_tokens)
+            assert torch.equal(mask, hf_mask) and torch.equal(comp * mask, hf_comp * hf_mask), (comp, hf_comp)
+            changed.append(comp)
+        assert not torch.equal(changed[0], changed[1])
+        colocate.push_weights_to_vllm(llm, colocated[2][0], skip_vision=False)  # the class's policy again
+
     def test_engine_logprobs_match_the_trainers_on_the_same_tokens(self, colocated, mixed_data):
         """The engine's log-probs of its own samples (processed: after temperature) against 05's
         token_logprobs on the same weights and tokens. Both compute in fp32 here, so they differ only by

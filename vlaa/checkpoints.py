@@ -6,8 +6,8 @@ optimizer state, and its RNG) and `rank-R.json` (parameter names, optimizer hype
 `trainer.json` (step, data position, run id, ...) and, last, a `DONE` file: a run killed while saving resumes
 from the previous checkpoint. Loading reads safetensors and JSON only, formats that cannot carry code, so a
 downloaded or shared run folder cannot run anything on `--resume` (docs/checkpoints.md). Each rank writes and
-reads only its own shards: nothing is gathered onto one rank. OUT/model is a plain Hugging Face folder that
-transformers and vLLM load like any Qwen2.5-VL checkpoint.
+reads only its own shards: nothing is gathered onto one rank. With LoRA (vlaa/lora.py) a checkpoint holds the
+adapters only: the base weights are --model's. The final OUT/model export is vlaa/export.py.
 """
 
 import json
@@ -18,7 +18,7 @@ import shutil
 
 import torch
 
-from vlaa import finite
+from vlaa import finite, lora
 from vlaa.jsonl import InputError, read_json, write_json
 
 CKPT_DIR = re.compile(r"ckpt-(\d+)")
@@ -101,15 +101,17 @@ def default_save_every(total_steps):
 
 def model_tensors(model):
     """{name: tensor} of what a checkpoint holds of the model: the parameters (a tied weight once) and the
-    persistent buffers. Under FSDP2 these are the sharded DTensors: every FSDP unit is resharded first, as a
-    forward without backward (generation) can leave the root unsharded."""
+    persistent buffers; with LoRA adapters, those alone. Under FSDP2 these are the sharded DTensors: every FSDP
+    unit is resharded first, as a forward without backward (generation) can leave the root unsharded."""
     from torch.distributed.fsdp import FSDPModule
 
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
     keys = set(model.state_dict().keys())
-    return dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if n in keys}
+    tensors = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if n in keys}
+    adapters = {n: t for n, t in tensors.items() if lora.is_adapter(n)}
+    return adapters or tensors  # LoRA: the adapters only (the base is --model's, in the run identity)
 
 
 def _param_names(model, optimizer):
@@ -295,54 +297,3 @@ def load_checkpoint(path, model, optimizer, rank=0):
     if tensors:
         raise InputError(f"{file}: tensors this model does not have: {sorted(tensors)[:5]}")
     return trainer
-
-
-# ----------------------------------------------------------------------------------------------------
-# The Hugging Face export
-
-
-def export_hf(model, tokenizer, image_processor, out, rank=0, dtype=None):
-    """The final model as a plain Hugging Face folder that transformers and vLLM load like any
-    Qwen2.5-VL checkpoint. Under FSDP2 the full weights are gathered (a collective: every rank calls).
-    Atomic: written into OUT.partial, then renamed to OUT, so OUT is complete or absent (a kill mid-export
-    leaves no torn folder; --resume of a finished run exports again). Refused if any weight is NaN or Inf."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank != 0:
-        return None
-    dtype = dtype or next(iter(sd.values())).dtype
-    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    finite.refuse_nonfinite(sd, out)  # after the cast: a value too large for dtype is Inf there
-    # FSDP2 renames the class (FSDPQwen2_5_VL...): record the real architecture for from_pretrained
-    arch = next(c.__name__ for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
-    model.config.architectures = [arch]
-    partial = out.rstrip(os.sep) + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)  # a killed export's leftovers
-    model.save_pretrained(partial, state_dict=sd)
-    tokenizer.save_pretrained(partial)
-    image_processor.save_pretrained(partial)
-    shutil.rmtree(out, ignore_errors=True)  # a torn or older export: replaced whole
-    os.rename(partial, out)
-    return out
-
-
-EXPORT_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json")
-
-
-def export_complete(folder):
-    """True when `folder` is a whole export: its config files are JSON and every weight file its index names
-    (or model.safetensors) is a safetensors file whose header matches its size (a truncated file fails here)."""
-    from safetensors import safe_open
-
-    if not all(isinstance(_read_json(os.path.join(folder, f)), dict) for f in EXPORT_FILES):
-        return False
-    index = _read_json(os.path.join(folder, "model.safetensors.index.json"))
-    names = set(index.get("weight_map", {}).values()) if index else {"model.safetensors"}
-    try:
-        for name in names:
-            with safe_open(os.path.join(folder, name), framework="pt"):
-                pass
-    except Exception:  # missing, truncated, not safetensors: all the same here, export again
-        return False
-    return bool(names)

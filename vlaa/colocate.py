@@ -18,6 +18,7 @@ import socket
 
 import torch
 
+from vlaa import lora
 from vlaa.backends import check_vllm_cpu, vllm_memory, vllm_requests
 from vlaa.images import load_image
 from vlaa.qwen import resolve_dtype
@@ -100,11 +101,13 @@ def push_weights_to_vllm(llm, model, skip_vision):
     dtype = llm.llm_engine.model_config.dtype
 
     def weights():
-        for name, t in model.state_dict().items():
-            if skip_vision and ".visual." in f".{name}":
-                continue  # frozen: the engine's copy is already right (every rank skips the same names)
-            full = t.full_tensor() if hasattr(t, "full_tensor") else t
-            yield vllm_weight_name(name), full.to(dtype)
+        state = {n: t for n, t in model.state_dict().items() if not (skip_vision and ".visual." in f".{n}")}
+        # skipped: frozen, the engine's copy is already right (every rank skips the same names). With LoRA
+        # the engine gets the merged weights under the base names, W + scale * B @ A per tensor: simpler than
+        # vLLM's own LoRA path (an adapter loaded per request) and the same numbers
+        whole = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+        for name, t in lora.merged(state, lora.scales(model), whole):
+            yield vllm_weight_name(name), t.to(dtype)
 
     loaded = runner_model.load_weights(weights())
     missed = [n for n, _ in runner_model.named_parameters()

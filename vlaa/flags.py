@@ -103,9 +103,12 @@ def check_generation(args):
 
 def check_training(args):
     """What 04 and 05 share: the LR floor is below the peak, held-out evaluation has both its flags (either alone
-    would silently do nothing). Paths are checked next, by runs.check_inputs."""
+    would silently do nothing), the LoRA flags go together (vlaa/lora.py). Paths are checked next, by
+    runs.check_inputs."""
+    from vlaa import lora
+
     return _first(
-        check_pixels(args),
+        check_pixels(args), lora.check(args),
         args.min_lr > args.lr and f"--min-lr {args.min_lr} is above --lr {args.lr}",
         args.eval_every and not args.eval_data and "--eval-every needs --eval-data (the held-out records)",
         args.eval_data and not args.eval_every and "--eval-data needs --eval-every N (how often to evaluate)")

@@ -141,7 +141,7 @@ def check_inputs(args, files=(), paths=(), folders=(), models=()):
 # flags that do not change what a run computes: a rerun may change them and still resume
 NOT_IDENTITY = {"out", "resume", "overwrite", "max_steps", "save_every", "log_rollouts_every", "cache_size",
                 "micro_batch", "activation_checkpointing", "ref_offload", "vllm_gpu_memory", "trust_remote_code",
-                "eval_data", "eval_every", "eval_max_new_tokens", "report_to"}
+                "eval_data", "eval_every", "eval_max_new_tokens", "report_to", "save_adapter"}
 
 
 def training_identity(stage, args):
@@ -189,11 +189,11 @@ def start_or_resume(out, identity, resume, overwrite, total_steps, env, model, o
     of this run, and a run already at --max-steps; it cuts the logs back to the checkpoint's step, so no step
     is logged twice. Checkpoints are tagged with the run id: pruning and resuming touch only this run's. A run
     whose training ended but whose OUT/model is missing or torn resumes at its last step: it is exported again."""
-    from vlaa import checkpoints, finite
+    from vlaa import checkpoints, export, finite
 
     finite.forget_refused()
     run_id = _sha256(json.dumps(identity, sort_keys=True).encode())[:16]
-    outputs = ("checkpoints", "model", "tensorboard", "wandb", *logs)  # --overwrite clears the trackers too
+    outputs = ("checkpoints", "model", "adapter", "tensorboard", "wandb", *logs)  # --overwrite clears the trackers too
     error, ckpt = None, None
     try:
         found = os.path.join(out, RUN_FILE)
@@ -212,7 +212,7 @@ def start_or_resume(out, identity, resume, overwrite, total_steps, env, model, o
                                  "(with --overwrite to clear the folder)")
             step = checkpoints.read_trainer(ckpt)["step"]  # missing, damaged or an impossible step: named
             if step >= total_steps:  # at the end already: only an export that is missing or torn is left to do
-                if step > total_steps or checkpoints.export_complete(os.path.join(out, "model")):
+                if step > total_steps or export.export_complete(os.path.join(out, "model")):
                     raise SystemExit(f"--resume: the run in {out} is already at step {step} of {total_steps}; raise "
                                      "--max-steps to train further, or --overwrite to start again")
             if env["master"]:

@@ -84,14 +84,20 @@ def shard_model(model, device, world, cpu_offload=False):
 
 
 def load_trainable(path, device, world, lr, weight_decay=0.0, train_vision=False, activation_checkpointing=False,
-                   min_pixels=None, max_pixels=None, betas=(0.9, 0.999)):
+                   min_pixels=None, max_pixels=None, betas=(0.9, 0.999), lora=None):
     """The model 04 and 05 train -> (model, tokenizer, image_processor, params, optimizer): fp32 master
     weights (bf16 compute on GPU comes from autocast or FSDP2's policy), the vision tower frozen unless
-    asked (paper, SFT: frozen), sharded under torchrun, AdamW (`betas`) over what trains."""
+    asked (paper, SFT: frozen), sharded under torchrun, AdamW (`betas`) over what trains: with `lora`
+    (vlaa.lora.settings), the adapters on the language model's linear layers and nothing else."""
+    from vlaa import lora as adapters
     from vlaa.qwen import load_model
 
-    model, tokenizer, image_processor = load_model(path, "float32", device, min_pixels, max_pixels)
+    # with LoRA on a GPU the frozen base is bf16 (no optimizer steps it; TRL, EasyR1), the adapters fp32
+    dtype = "bfloat16" if lora and device.type == "cuda" else "float32"
+    model, tokenizer, image_processor = load_model(path, dtype, device, min_pixels, max_pixels)
     freeze_vision_tower(model, not train_vision)
+    if lora:
+        adapters.add_adapters(model, **lora)
     if activation_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
@@ -304,19 +310,21 @@ def checkpoint_if_due(out, step, total_steps, save_every, stop_requested, model,
 
 
 def finish_training(out, step, model, optimizer, extra, tokenizer, image_processor, env, run_id=None,
-                    close_group=True):
+                    close_group=True, save_adapter=False):
     """The end of 04 and 05: a last checkpoint (kept if this run's is there: a --resume that only exports), the
-    Hugging Face export (atomic; bf16 from a GPU run), SIGTERM's handler put back, OUT's lock released, and the
-    process group closed (unless a vLLM engine closes it in its own teardown). Returns the model folder on rank 0."""
+    Hugging Face export (atomic; bf16 from a GPU run; LoRA merged, and the adapter alone in OUT/adapter with
+    save_adapter), SIGTERM's handler put back, OUT's lock released, and the process group closed (unless a vLLM
+    engine closes it in its own teardown). Returns the model folder on rank 0."""
     import torch.distributed as dist
 
-    from vlaa import checkpoints, locks
+    from vlaa import checkpoints, export, locks
 
     if os.path.basename(checkpoints.latest_checkpoint(out, run_id=run_id) or "") != f"ckpt-{step}":
         checkpoints.save_checkpoint(out, step, model, optimizer, {**extra, "total_steps": step}, env["rank"],
                                     run_id=run_id)
     dtype = torch.bfloat16 if env["device"].type == "cuda" else torch.float32
-    folder = checkpoints.export_hf(model, tokenizer, image_processor, os.path.join(out, "model"), env["rank"], dtype)
+    folder = export.export_hf(model, tokenizer, image_processor, os.path.join(out, "model"), env["rank"], dtype,
+                              adapter=os.path.join(out, "adapter") if save_adapter else None)
     if env["master"]:
         print(f"saved {folder}")
         locks.release(os.path.join(out, ".lock"))

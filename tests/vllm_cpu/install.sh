@@ -13,6 +13,6 @@ unset PIP_FIND_LINKS PIP_CONSTRAINT PIP_EXTRA_INDEX_URL
 test -x "$venv/bin/python" || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --no-deps -r "$pins"
 # the project itself, editable; a dependency it gains later than this list is resolved within the pins
-"$venv/bin/python" -m pip install -q -c "$pins" --no-build-isolation -e ".[dev]"
+"$venv/bin/python" -m pip install -q -c "$pins" --no-build-isolation -e ".[dev,lora]"
 "$venv/bin/python" -c "import torch, torchvision.ops, vllm, transformers; print('vllm', vllm.__version__, \
 'torch', torch.__version__, 'transformers', transformers.__version__)"

@@ -11,7 +11,7 @@ import torch
 from conftest import solid_image
 
 import toy
-from vlaa import checkpoints, qwen, vision
+from vlaa import export, qwen, vision
 
 grpo = importlib.import_module("05_grpo")
 
@@ -137,7 +137,7 @@ def test_qwen25_vl_features_have_no_deepstack(tiny, tmp_path):
 
 
 def test_export_loads_in_transformers_with_the_same_logits(tiny_qwen3_dir, tmp_path):
-    """checkpoints.export_hf of a changed Qwen3-VL: Auto classes load it back with its template and processor,
+    """export.export_hf of a changed Qwen3-VL: Auto classes load it back with its template and processor,
     and it computes the same logits as the model that was exported."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
@@ -146,7 +146,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tiny_qwen3_dir, tmp_p
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))  # not the weights it was loaded from
-    checkpoints.export_hf(model, tok, ip, str(tmp_path / "export"))
+    export.export_hf(model, tok, ip, str(tmp_path / "export"))
     back = AutoModelForImageTextToText.from_pretrained(tmp_path / "export")
     tok2, ip2 = (auto.from_pretrained(tmp_path / "export") for auto in (AutoTokenizer, AutoImageProcessor))
     assert type(back).__name__ == "Qwen3VLForConditionalGeneration" and ip2.patch_size == 16

@@ -20,7 +20,8 @@ that you can measure it (05_grpo.py starts from its output).
 
 Outputs in --out: run.json (what made the run), metrics.jsonl (one line per step), checkpoints/ckpt-STEP
 (every ~10% of the run and on SIGTERM, resumable with --resume; docs/checkpoints.md),
-model/ (a Hugging Face folder that from_pretrained and vLLM load like any Qwen2.5-VL).
+model/ (a Hugging Face folder that from_pretrained and vLLM load like the checkpoint it started from; with
+--lora-rank, the merged model).
 """
 
 import argparse

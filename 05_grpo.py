@@ -22,7 +22,7 @@ adaptive KL starting at 1e-3 with target 5e-4 ("KL2"). What the paper left open 
 
 Outputs in --out: run.json (what made the run), metrics.jsonl (one line per step), rollouts.jsonl (sampled
 completions), checkpoints/ (every ~10% of the run and on SIGTERM, resumable with --resume; docs/checkpoints.md),
-model/ (a Hugging Face folder, like any Qwen2.5-VL checkpoint).
+model/ (a Hugging Face folder like the starting checkpoint; merged with --lora-rank).
 """
 
 import argparse

@@ -13,8 +13,8 @@ from vlaa.checkpoints import _read_json
 
 
 def export_hf(model, tokenizer, image_processor, out, rank=0, dtype=None, adapter=None):
-    """The final model as a plain Hugging Face folder that transformers and vLLM load like any
-    Qwen2.5-VL checkpoint. Under FSDP2 the full weights are gathered (a collective: every rank calls).
+    """The final model as a plain Hugging Face folder that transformers and vLLM load like the
+    checkpoint it started from. Under FSDP2 the full weights are gathered (a collective: every rank calls).
     Atomic: written into OUT.partial, then renamed to OUT, so OUT is complete or absent (a kill mid-export
     leaves no torn folder; --resume of a finished run exports again). Refused if any weight is NaN or Inf.
     A model with LoRA adapters is exported merged; `adapter`: a folder for the adapter alone as well."""

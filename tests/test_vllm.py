@@ -159,7 +159,8 @@ class TestColocatedEngine:
     def test_a_push_that_leaves_a_weight_out_is_refused(self, colocated):
         llm, _, (model, _, _) = colocated
         partial = SimpleNamespace(state_dict=lambda: {k: v for k, v in model.state_dict().items()
-                                                      if not k.endswith("language_model.norm.weight")})
+                                                      if not k.endswith("language_model.norm.weight")},
+                                  named_modules=model.named_modules)
         with pytest.raises(RuntimeError, match="1 engine parameters unwritten.*language_model.model.norm.weight"):
             colocate.push_weights_to_vllm(llm, partial, skip_vision=False)
         colocate.push_weights_to_vllm(llm, model, skip_vision=False)  # whole again for the tests below
@@ -181,7 +182,8 @@ class TestColocatedEngine:
                 for n, p in model.named_parameters():
                     if ".lora_B." in n:
                         p.copy_(torch.randn(p.shape, generator=gen))
-            colocate.push_weights_to_vllm(llm, model, skip_vision=True)
+            # the vision tower too: earlier tests of the class pushed a changed one, this policy has the checkpoint's
+            colocate.push_weights_to_vllm(llm, model, skip_vision=False)
             comp, mask, _ = colocate.rollout_vllm(llm, records, 1, greedy, tok, qwen.SYSTEM_PROMPT, vision)
             hf_comp, hf_mask = hf_greedy((model, tok, ip), records, args.max_new_tokens)
             assert torch.equal(mask, hf_mask) and torch.equal(comp * mask, hf_comp * hf_mask), (comp, hf_comp)

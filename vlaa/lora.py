@@ -12,8 +12,11 @@ recipe trains on one 24 GB GPU (README, "What do I need"). Off unless --lora-ran
 
 Targets are chosen by module name under the language model (`model.model.language_model`), never by model
 family: every nn.Linear there whose own name is in --lora-targets (Qwen2.5-VL and Qwen3-VL name their
-projections alike). The vision tower's MLP has gate_proj/up_proj/down_proj too, so a bare list of names given
-to peft would adapt it as well (EasyR1 excludes ".*visual.*" for the same reason): the full names are given.
+projections alike; Qwen3.5 has q/k/v/o_proj in its full-attention layers only, its gated delta-net layers'
+in_proj_qkv/in_proj_z/out_proj are adapted when named). Every name given must name a layer: a typo is refused,
+never skipped (the defaults exist in all three families). Qwen2.5-VL's vision tower's MLP has gate_proj/up_proj/
+down_proj too, so a bare list of names given to peft would adapt it as well (EasyR1 excludes ".*visual.*" for
+the same reason): the full names are given.
 
 The adapters go into the model in place (peft.inject_adapter_in_model, as transformers' add_adapter does)
 rather than in a PeftModel wrapper (TRL's get_peft_model): the model keeps its class and attribute paths,

@@ -111,6 +111,19 @@ def build_tokenizer(corpus, chat_template=CHAT_TEMPLATE):
                               "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
 
 
+def text_ids(ids):
+    """The language model's special ids (every family's config says them alike)."""
+    return dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                tie_word_embeddings=True)
+
+
+def vision_ids(ids):
+    """The image and video placeholders and the vision span's markers (every family's alike)."""
+    return dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                tie_word_embeddings=True)
+
+
 def qwen25_vl(s, ids, vocab):
     """A Qwen2.5-VL config at sizes s: 14 px patches, windowed vision attention, M-RoPE in sections."""
     from transformers import Qwen2_5_VLConfig
@@ -123,15 +136,12 @@ def qwen25_vl(s, ids, vocab):
             vocab_size=vocab, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=s["layers"],
             num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], max_position_embeddings=4096,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=True),
+            **text_ids(ids)),
         vision_config=dict(
             depth=s["vision_depth"], hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
             num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=h,
             window_size=56, fullatt_block_indexes=[s["vision_depth"] - 1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
+        **vision_ids(ids))
 
 
 def qwen3_vl(s, ids, vocab):
@@ -151,15 +161,12 @@ def qwen3_vl(s, ids, vocab):
             max_position_embeddings=4096,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope,
                              "mrope_interleaved": True},
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=True),
+            **text_ids(ids)),
         vision_config=dict(
             depth=s["vision_depth"], hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
             num_heads=2, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=h,
             num_position_embeddings=256, deepstack_visual_indexes=list(range(min(s["vision_depth"], s["layers"])))),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
+        **vision_ids(ids))
 
 
 def qwen3_5(s, ids, vocab):
@@ -182,15 +189,12 @@ def qwen3_5(s, ids, vocab):
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                              "mrope_section": [pairs - 2 * (pairs // 4), pairs // 4, pairs // 4],
                              "mrope_interleaved": True},
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=True),
+            **text_ids(ids)),
         vision_config=dict(
             depth=s["vision_depth"], hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
             num_heads=2, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=h,
             num_position_embeddings=256),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
+        **vision_ids(ids))
 
 
 def build_model(out, size="tiny", seed=0, family="qwen2.5-vl"):

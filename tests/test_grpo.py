@@ -287,10 +287,9 @@ dist.destroy_process_group()
     assert out == pytest.approx({"kl": 0.2, "empty": 0.0, "reward": 0.5, "count": 4.0})
 
 
-def test_resume_gives_the_same_weights(tmp_path, tiny_model_dir, colour_data):
+def straight_and_resumed(tmp_path, common):
+    """05 with `common` (its --out "OUT") for 4 steps straight, and for 2 then resumed to 4 -> both exports."""
     from safetensors.torch import load_file
-
-    common = grpo_args(tiny_model_dir, colour_data, "OUT", "--kl-coef", 0.01, "--kl-target", 0.001)
 
     def run(out, *extra):
         args = list(common)
@@ -300,8 +299,13 @@ def test_resume_gives_the_same_weights(tmp_path, tiny_model_dir, colour_data):
     run(tmp_path / "straight", "--max-steps", 4)
     run(tmp_path / "halves", "--max-steps", 2)
     run(tmp_path / "halves", "--max-steps", 4, "--resume")
-    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
-    b = load_file(str(tmp_path / "halves" / "model" / "model.safetensors"))
+    return tuple(load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("straight", "halves"))
+
+
+def test_resume_gives_the_same_weights(tmp_path, tiny_model_dir, colour_data):
+
+    a, b = straight_and_resumed(tmp_path, grpo_args(tiny_model_dir, colour_data, "OUT", "--kl-coef", 0.01,
+                                                    "--kl-target", 0.001))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     metrics = [json.loads(line) for line in open(tmp_path / "halves" / "metrics.jsonl")]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]

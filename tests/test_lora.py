@@ -12,11 +12,11 @@ import pytest
 import torch
 from conftest import FAMILY_FIXTURES, ROOT, solid_image
 from safetensors.torch import load_file, save_file
-from test_grpo import format_only_sft, grpo_args
-from test_sft import colour_sft_data, losses, run_sft, toy_accuracy
+from test_grpo import format_only_sft, grpo_args, straight_and_resumed
+from test_sft import colour_sft_data, losses, run_sft, teacher_sft_data, toy_accuracy
 
 import toy
-from vlaa import export, lora, qwen, records, training, vision
+from vlaa import export, lora, qwen, training, vision
 
 sft = importlib.import_module("04_sft")
 grpo = importlib.import_module("05_grpo")
@@ -319,19 +319,9 @@ def test_grpo_lora_update_on_two_ranks_equals_one_rank(tmp_path, tiny_model_dir)
 
 
 def test_grpo_with_lora_resumes_exactly(tmp_path, format_start, colour_data):
-    common = grpo_args(format_start, colour_data, "OUT", "--kl-coef", 0.01, "--kl-target", 0.001, "--lora-rank", 4,
-                       "--lr", 2e-2, "--min-lr", 2e-2)
-
-    def run(out, *extra):
-        args = list(common)
-        args[args.index("OUT")] = str(out)
-        grpo.main(args + [str(e) for e in extra])
-
-    run(tmp_path / "straight", "--max-steps", 4)
-    run(tmp_path / "halves", "--max-steps", 2)
-    run(tmp_path / "halves", "--max-steps", 4, "--resume")
-    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
-    b = load_file(str(tmp_path / "halves" / "model" / "model.safetensors"))
+    a, b = straight_and_resumed(tmp_path, grpo_args(format_start, colour_data, "OUT", "--kl-coef", 0.01,
+                                                    "--kl-target", 0.001, "--lora-rank", 4, "--lr", 2e-2,
+                                                    "--min-lr", 2e-2))
     assert all(torch.equal(a[k], b[k]) for k in a)
     straight, halves = (losses_of(tmp_path / r, "kl") for r in ("straight", "halves"))
     assert straight == halves and straight[0] == 0.0 and straight[-1] > 0
@@ -360,17 +350,9 @@ def format_start(tmp_path_factory, tiny_model_dir, colour_data):
 @pytest.mark.slow
 def test_lora_sft_learns_the_toy(tmp_path, tiny_model_dir):
     """test_sft's learning test with adapters of rank 16 instead of every weight, at 1.5x its LR (1e-2 diverged)."""
-    caption, distill, verify = (importlib.import_module(m) for m in ("01_caption", "02_distill", "03_rewrite_verify"))
-    data = tmp_path / "data"
-    toy.make_data(str(data), n=1500, test_n=150, seed=0, kinds="colour,box,count")
-    caption.main(["--in", str(data / "train.jsonl"), "--out", str(tmp_path / "cap.jsonl"), "--backend", "toy",
-                  "--model", "captioner"])
-    distill.main(["--in", str(tmp_path / "cap.jsonl"), "--out", str(tmp_path / "dist.jsonl"), "--backend", "toy",
-                  "--model", "reasoner:error_rate=0,hesitation_rate=0"])
-    verify.main(["--in", str(tmp_path / "dist.jsonl"), "--out", str(tmp_path / "final")])
-    test = records.load_records(str(data / "test.jsonl"))
+    sft_data, test = teacher_sft_data(tmp_path)
     before = toy_accuracy(tiny_model_dir, test)
-    sft.main(["--model", tiny_model_dir, "--data", str(tmp_path / "final" / "sft.jsonl"), "--out",
+    sft.main(["--model", tiny_model_dir, "--data", sft_data, "--out",
               str(tmp_path / "sft"), "--global-batch", "32", "--micro-batch", "32", "--lr", "3e-3", "--min-lr", "3e-3",
               "--warmup-ratio", "0", "--max-steps", "500", "--save-every", "100000", "--lora-rank", "16"])
     after = toy_accuracy(str(tmp_path / "sft" / "model"), test)

@@ -166,8 +166,8 @@ def toy_accuracy(model_dir, test, max_new_tokens=48):
     return sum(rewards.is_correct(rewards.mixed_reward(o[0], r)) for o, r in zip(outs, test)) / len(test)
 
 
-@pytest.mark.slow
-def test_sft_on_teacher_traces_learns_the_learnable_kinds(tmp_path, each_learning_model_dir):
+def teacher_sft_data(tmp_path):
+    """The toy teacher's traces through 01-03 for the kinds a tiny model learns -> (sft.jsonl, test records)."""
     import toy
 
     caption, distill, verify = (importlib.import_module(m) for m in ("01_caption", "02_distill", "03_rewrite_verify"))
@@ -178,9 +178,14 @@ def test_sft_on_teacher_traces_learns_the_learnable_kinds(tmp_path, each_learnin
     distill.main(["--in", str(tmp_path / "cap.jsonl"), "--out", str(tmp_path / "dist.jsonl"), "--backend", "toy",
                   "--model", "reasoner:error_rate=0,hesitation_rate=0"])
     verify.main(["--in", str(tmp_path / "dist.jsonl"), "--out", str(tmp_path / "final")])
-    test = records.load_records(str(data / "test.jsonl"))
+    return str(tmp_path / "final" / "sft.jsonl"), records.load_records(str(data / "test.jsonl"))
+
+
+@pytest.mark.slow
+def test_sft_on_teacher_traces_learns_the_learnable_kinds(tmp_path, each_learning_model_dir):
+    sft_data, test = teacher_sft_data(tmp_path)
     before = toy_accuracy(each_learning_model_dir, test)
-    sft.main(["--model", each_learning_model_dir, "--data", str(tmp_path / "final" / "sft.jsonl"), "--out",
+    sft.main(["--model", each_learning_model_dir, "--data", sft_data, "--out",
               str(tmp_path / "sft"), "--global-batch", "32", "--micro-batch", "32", "--lr", "2e-3", "--min-lr", "2e-3",
               "--warmup-ratio", "0", "--max-steps", "500", "--save-every", "100000"])
     after = toy_accuracy(str(tmp_path / "sft" / "model"), test)

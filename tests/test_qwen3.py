@@ -136,12 +136,12 @@ def test_qwen25_vl_features_have_no_deepstack(tiny, tmp_path):
         [((4, 64), []), ((16, 64), []), ((9, 64), [])]
 
 
-def test_export_loads_in_transformers_with_the_same_logits(tiny_qwen3_dir, tmp_path):
-    """export.export_hf of a changed Qwen3-VL: Auto classes load it back with its template and processor,
-    and it computes the same logits as the model that was exported."""
+def test_export_loads_in_transformers_with_the_same_logits(each_model_dir, tmp_path):
+    """export.export_hf of a changed model of each family: Auto classes load it back with its template and
+    processor, and it computes the same logits as the model that was exported."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-    model, tok, ip = qwen.load_model(tiny_qwen3_dir, "float32", "cpu")
+    model, tok, ip = qwen.load_model(each_model_dir, "float32", "cpu")
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -149,19 +149,19 @@ def test_export_loads_in_transformers_with_the_same_logits(tiny_qwen3_dir, tmp_p
     export.export_hf(model, tok, ip, str(tmp_path / "export"))
     back = AutoModelForImageTextToText.from_pretrained(tmp_path / "export")
     tok2, ip2 = (auto.from_pretrained(tmp_path / "export") for auto in (AutoTokenizer, AutoImageProcessor))
-    assert type(back).__name__ == "Qwen3VLForConditionalGeneration" and ip2.patch_size == 16
+    assert type(back) is type(model) and ip2.patch_size == ip.patch_size and tok2.chat_template == tok.chat_template
     batch = qwen.collate([qwen.encode_example(tok2, ip2, q, solid_image(s)) for q, s in (("a?", 56), ("bb?", 112))],
                          tok2.pad_token_id)
     with torch.no_grad():
         assert torch.equal(model.eval()(**batch).logits, back.eval()(**batch).logits)
 
 
-def test_caption_and_distill_with_the_hf_backend(tiny_qwen3_dir, tmp_path):
-    """01 and 02 on a Qwen3-VL checkpoint: --backend hf --model FOLDER, nothing else. (02 reads the toy
+def test_caption_and_distill_with_the_hf_backend(each_model_dir, tmp_path):
+    """01 and 02 on a checkpoint of each family: --backend hf --model FOLDER, nothing else. (02 reads the toy
     captioner's captions: a random model's may be empty, which 02 rejects as a missing field.)"""
     caption, distill = (importlib.import_module(m) for m in ("01_caption", "02_distill"))
     toy.make_data(str(tmp_path / "data"), n=3, test_n=0, seed=0)
-    hf = ["--backend", "hf", "--model", tiny_qwen3_dir, "--max-new-tokens", "6"]
+    hf = ["--backend", "hf", "--model", each_model_dir, "--max-new-tokens", "6"]
     for out, backend in (("cap.jsonl", hf), ("toy-cap.jsonl", ["--backend", "toy", "--model", "captioner"])):
         caption.main(["--in", str(tmp_path / "data" / "train.jsonl"), "--out", str(tmp_path / out), *backend])
     distill.main(["--in", str(tmp_path / "toy-cap.jsonl"), "--out", str(tmp_path / "dist.jsonl"), *hf])

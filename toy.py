@@ -286,8 +286,22 @@ def parse_mix(text):
         name, _, weight = part.strip().partition(":")
         if name not in TASKS:
             raise ValueError(f"unknown task {name!r} in --kinds; known: {', '.join(TASKS)}")
-        mix[name] = float(weight or 1)
+        try:
+            mix[name] = float(weight or 1)
+        except ValueError:
+            mix[name] = float("nan")
+        if not 0 < mix[name] < float("inf"):
+            raise ValueError(f"weight {weight!r} of {name!r} in --kinds: a positive number, or none for 1")
     return mix
+
+
+def mix_flag(text):
+    """--kinds checked while parsing: a bad task or weight is a usage error naming it, not a traceback."""
+    try:
+        parse_mix(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def make_example(rng, task, world):
@@ -585,7 +599,7 @@ def main(argv=None):
     d.add_argument("--n", type=nonneg_int, default=2000, help="training records (default 2000)")
     d.add_argument("--test-n", type=nonneg_int, default=200, help="test records (default 200)")
     d.add_argument("--seed", type=nonneg_int, default=0, help="data seed: the same seed writes the same bytes")
-    d.add_argument("--kinds", default=DEFAULT_MIX,
+    d.add_argument("--kinds", type=mix_flag, default=DEFAULT_MIX,
                    help=f"tasks with optional weights, from: {', '.join(TASKS)} (default {DEFAULT_MIX})")
     d.add_argument("--size", type=positive_int, default=112, help="image side in px (default 112: 16 image tokens)")
     d.add_argument("--max-objects", type=positive_int, default=4, help="count tasks draw 1..N objects (default 4)")

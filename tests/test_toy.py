@@ -104,6 +104,17 @@ def test_the_default_mix_has_all_five_verifier_types_and_favours_the_learnable_t
         toy.parse_mix("colur")
 
 
+@pytest.mark.parametrize("kinds, says", [
+    ("colur", "unknown task 'colur'"), ("colour:x", "weight 'x' of 'colour'"), ("count:-1", "weight '-1' of 'count'"),
+    ("box:0", "weight '0' of 'box'"), ("sum:nan", "weight 'nan' of 'sum'"), ("colour,", "unknown task ''")])
+def test_a_bad_kinds_flag_is_a_usage_error_naming_it(kinds, says, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        toy.main(["make-data", str(tmp_path / "data"), "--kinds", kinds])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--kinds" in err and says in err and "Traceback" not in err
+    assert not (tmp_path / "data").exists()  # refused before anything is written
+
+
 def test_harder_variants_are_one_flag_away():
     world = toy.World(size=168, max_objects=6, grid=8, shuffle_options=True)
     records = [r for r, _, _ in examples(200, world, ["largest", "box", "count"])]
